@@ -1,0 +1,28 @@
+# The two commands a newcomer needs:
+#   make demo   train kk-tiny through stage 3 on CPU, evaluate, and write the reports
+#   make test   run the test suite
+# Both create .venv and install what they need first.
+
+PY := .venv/bin/python
+SCHEDULE ?= kk-tiny
+RUN ?= kk-tiny
+
+.PHONY: setup demo test bench clean-runs
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m train.run stage3 --schedule $(SCHEDULE)
+	$(PY) -m analysis eval --run $(RUN) --people 3,5 --n-per-size 50
+	$(PY) -m analysis report --run $(RUN)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) bench/bench_generator.py
+	$(PY) bench/bench_reward.py
+
+clean-runs:
+	rm -rf runs reports

@@ -1,0 +1,318 @@
+"""The reward for Knights-and-Knaves answers: the one scorer used by training and evaluation.
+
+A response earns a format score and an answer score (Logic-RL's values by default):
+
+    format ok, every person right        +1  +2   =  3
+    format ok, parsed, any person wrong  +1  -1.5 = -0.5
+    format ok, answer unparseable        +1  -2   = -1
+    format broken                        -1  -2   = -3
+
+Format ok: the response is ``<think> ... </think> <answer> ... </answer>`` with each tag exactly
+once, in that order, and nothing but whitespace before ``<think>``, between ``</think>`` and
+``<answer>``, and after ``</answer>`` (a trailing chat end token such as ``<|im_end|>`` is
+ignored). With a pre-filled ``<think>`` the response itself starts inside the thinking and must
+contain no ``<think>``. Tags are matched exactly: ``<Think>``, ``< think>`` or look-alike
+brackets are not tags.
+
+Answer parse (only when the format is ok, only inside the answer block): exactly N role words
+(knight/knave, any case, plurals included) and, for every person, the name (case-sensitive)
+appearing exactly once in the block, in "Name is a knight|knave". So "knight or knave", "not a
+knight", an extra person or a repeated name make the answer unparseable rather than wrong.
+
+Entry points: `score_response` (the scorer), `compute_score` (veRL's custom reward signature)
+and `make_trl_reward_funcs` (TRL reward functions plus metric-only companions).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DEFAULT",
+    "RewardConfig",
+    "compute_score",
+    "make_trl_reward_funcs",
+    "parse_solution_text",
+    "score_response",
+]
+
+
+class RewardConfig(BaseModel):
+    """Reward values and parsing options. Defaults reproduce Logic-RL (totals 3 / -0.5 / -1 / -3)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_ok: float = Field(1.0, description="Format score when the tag structure is right.")
+    format_bad: float = Field(-1.0, description="Format score when the tag structure is broken.")
+    answer_correct: float = Field(2.0, description="Answer score when every person's role is right.")
+    answer_wrong: float = Field(-1.5, description="Answer score when parsed but any role is wrong.")
+    answer_unparseable: float = Field(
+        -2.0, description="Answer score when the answer cannot be parsed, or the format is broken."
+    )
+    prefilled_think: bool = Field(
+        False, description="The prompt ends with `<think>`: the response must not repeat it."
+    )
+    max_chars: int = Field(
+        20000,
+        gt=0,
+        description="Responses longer than this many characters count as format broken, so a "
+        "runaway generation cannot earn credit and scoring time stays bounded.",
+    )
+
+
+DEFAULT = RewardConfig()
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+# End-of-turn tokens some engines leave on the decoded text (ChatML, GPT-2/Qwen, Llama 2, Llama 3).
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>")
+
+ANSWER_STATUSES = ("correct", "wrong", "unparseable", "missing")
+
+# Letters are spelled as ASCII classes instead of re.IGNORECASE: under IGNORECASE Unicode
+# case folding lets the Kelvin sign U+212A match "k", so a look-alike "knight" would count.
+_ROLE = r"[Kk][Nn](?:[Ii][Gg][Hh][Tt]|[Aa][Vv][Ee])"
+# Role words anywhere in the answer block; (?<!\w)/(?!\w) are Unicode-aware word edges, so a
+# role glued to a letter of another script is not a role word.
+_ROLE_WORD_RE = re.compile(rf"(?<!\w){_ROLE}[Ss]?(?!\w)")
+# A name is any text without parentheses; names containing a role word are rejected below.
+_SOLUTION_LINE_RE = re.compile(
+    r"\((\d+)\)\s*([^\s()](?:[^()]*[^\s()])?)\s+is\s+a\s+(knight|knave)", re.IGNORECASE
+)
+
+
+def parse_solution_text(text: str) -> dict[str, bool]:
+    """Parse the reference ground truth "(1) Amelia is a knight\\n(2) ..." into name -> is_knight.
+
+    The order of the lines is kept. Raises ValueError (one line) on malformed text.
+    """
+    return dict(_parse_solution_text(text))
+
+
+@lru_cache(maxsize=65536)
+def _parse_solution_text(text: str) -> tuple[tuple[str, bool], ...]:
+    if not isinstance(text, str):
+        raise ValueError(f"solution text must be a string, got {type(text).__name__}")
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if not lines or lines == [""]:
+        raise ValueError("solution text is empty")
+    people: list[tuple[str, bool]] = []
+    for number, line in enumerate(lines, start=1):
+        match = _SOLUTION_LINE_RE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"solution line {number} is not '({number}) Name is a knight|knave': {line!r}")
+        if int(match.group(1)) != number:
+            raise ValueError(f"solution line {number} is numbered ({match.group(1)}): {line!r}")
+        name = match.group(2)
+        if _ROLE_WORD_RE.search(name):
+            raise ValueError(f"solution line {number} has a role word in the name: {line!r}")
+        if any(name == seen for seen, _ in people):
+            raise ValueError(f"solution names {name!r} twice: {text!r}")
+        people.append((name, match.group(3).lower() == "knight"))
+    return tuple(people)
+
+
+def _solution_pairs(solution: Mapping[str, bool] | str) -> tuple[tuple[str, bool], ...]:
+    if isinstance(solution, str):
+        return _parse_solution_text(solution)
+    if isinstance(solution, Mapping):
+        pairs = tuple((name, bool(role)) for name, role in solution.items())
+        if not pairs or not all(isinstance(name, str) and name.strip() for name, _ in pairs):
+            raise ValueError(f"solution must map non-empty names to booleans: {dict(solution)!r}")
+        return pairs
+    raise TypeError(f"solution must be a mapping or solution text, got {type(solution).__name__}")
+
+
+@lru_cache(maxsize=4096)
+def _name_patterns(names: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(any name as a whole word, "Name is a role") for one cast of people, compiled once."""
+    # Longest first so that of "Ann" and "Ann Lee" the longer one is taken where it fits.
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    any_name = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+    claim = re.compile(rf"(?<!\w)({alternatives})\s+[Ii][Ss]\s+[Aa]\s+({_ROLE})(?!\w)")
+    return any_name, claim
+
+
+def _strip_end(text: str) -> str:
+    text = text.rstrip()
+    while text.endswith(END_TOKENS):
+        for token in END_TOKENS:
+            if text.endswith(token):
+                text = text[: -len(token)].rstrip()
+                break
+    return text
+
+
+def _answer_block(response: str, config: RewardConfig) -> str | None:
+    """The text inside <answer></answer> when the format is ok, else None."""
+    if not isinstance(response, str) or len(response) > config.max_chars:
+        return None
+    text = _strip_end(response)
+    if config.prefilled_think:
+        if THINK_OPEN in text:
+            return None
+        think_open = -len(THINK_OPEN)  # the thinking starts at index 0
+    else:
+        if text.count(THINK_OPEN) != 1:
+            return None
+        think_open = text.find(THINK_OPEN)
+        if think_open and not text[:think_open].isspace():
+            return None
+    if text.count(THINK_CLOSE) != 1 or text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:
+        return None
+    think_close = text.find(THINK_CLOSE)
+    answer_open = text.find(ANSWER_OPEN)
+    answer_close = text.find(ANSWER_CLOSE)
+    if not think_open < think_close < answer_open < answer_close:
+        return None
+    gap = text[think_close + len(THINK_CLOSE) : answer_open]
+    if gap and not gap.isspace():
+        return None
+    # _strip_end removed trailing whitespace, so anything after </answer> is real text.
+    if answer_close + len(ANSWER_CLOSE) != len(text):
+        return None
+    return text[answer_open + len(ANSWER_OPEN) : answer_close]
+
+
+def _judge_answer(block: str, people: tuple[tuple[str, bool], ...]) -> tuple[str, int]:
+    """("correct" | "wrong" | "unparseable", number of people given the right role)."""
+    n = len(people)
+    if len(_ROLE_WORD_RE.findall(block)) != n:
+        return "unparseable", 0
+    any_name, claim = _name_patterns(tuple(name for name, _ in people))
+    mentions = any_name.findall(block)
+    if len(mentions) != n or len(set(mentions)) != n:
+        return "unparseable", 0
+    claimed = {name: role.lower() == "knight" for name, role in claim.findall(block)}
+    if len(claimed) != n:
+        return "unparseable", 0
+    n_right = sum(claimed[name] == is_knight for name, is_knight in people)
+    return ("correct" if n_right == n else "wrong"), n_right
+
+
+def _score(response: str, people: tuple[tuple[str, bool], ...], config: RewardConfig) -> dict[str, Any]:
+    block = _answer_block(response, config)
+    if block is None:
+        answer, n_right = "missing", 0
+    else:
+        answer, n_right = _judge_answer(block, people)
+    format_score = config.format_ok if block is not None else config.format_bad
+    if answer == "correct":
+        answer_score = config.answer_correct
+    elif answer == "wrong":
+        answer_score = config.answer_wrong
+    else:
+        answer_score = config.answer_unparseable
+    return {
+        "score": format_score + answer_score,
+        "format_ok": block is not None,
+        "answer": answer,
+        "n_correct_people": n_right,
+        "n_people": len(people),
+        "format_score": format_score,
+        "answer_score": answer_score,
+    }
+
+
+def score_response(
+    response: str, solution: Mapping[str, bool] | str, config: RewardConfig = DEFAULT
+) -> dict[str, Any]:
+    """Score one response against the solution (name -> is_knight, or the solution text).
+
+    Returns score, format_ok, answer ("correct" | "wrong" | "unparseable" | "missing"),
+    n_correct_people, n_people, format_score and answer_score. Never raises because of the
+    response; a malformed solution raises ValueError (TypeError for a wrong type).
+    """
+    return _score(response, _solution_pairs(solution), config)
+
+
+_PREFILLED_DEFAULT = DEFAULT.model_copy(update={"prefilled_think": True})
+
+
+def _solution_from_ground_truth(ground_truth: Any) -> Mapping[str, bool] | str:
+    if isinstance(ground_truth, Mapping) and "solution_text_format" in ground_truth:
+        return ground_truth["solution_text_format"]
+    return ground_truth
+
+
+def compute_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """veRL custom reward: `custom_reward_function.path=train/reward.py`, `name=compute_score`.
+
+    ground_truth is the parquet's {"solution_text_format": ..., "statements": ...}, the solution
+    text itself, or a name -> is_knight mapping. A pre-filled `<think>` is declared with
+    extra_info["prefilled_think"] or the keyword prefilled_think.
+    """
+    prefilled = kwargs.get("prefilled_think")
+    if prefilled is None and isinstance(extra_info, Mapping):
+        prefilled = extra_info.get("prefilled_think")
+    config = _PREFILLED_DEFAULT if prefilled else DEFAULT
+    return score_response(solution_str, _solution_from_ground_truth(ground_truth), config)
+
+
+def _completion_text(completion: Any) -> Any:
+    """TRL passes plain strings, or conversational lists whose last message is the reply."""
+    if isinstance(completion, list) and completion and isinstance(completion[-1], Mapping):
+        content = completion[-1].get("content")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+            return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+        return content
+    return completion
+
+
+def make_trl_reward_funcs(config: RewardConfig = DEFAULT) -> list[Callable[..., list[float]]]:
+    """Reward functions for TRL's GRPOTrainer: [kk_reward, kk_correct, kk_format_error,
+    kk_wrong, kk_unparseable].
+
+    kk_reward is the reward. The others return 1.0/0.0 indicators (answer correct; format
+    broken; parsed but wrong; format ok but unparseable) and are meant to be given weight 0 in
+    `reward_weights`, so TRL logs their means per step without changing the reward. The ground
+    truth is read from the dataset column `solution_text_format` (or a veRL-style
+    `reward_model` column). Each completion is scored once for all five functions.
+    """
+
+    @lru_cache(maxsize=8192)
+    def judge(response: Any, solution_text: str) -> tuple[float, str, bool]:
+        result = _score(response, _parse_solution_text(solution_text), config)
+        return result["score"], result["answer"], result["format_ok"]
+
+    def judge_batch(completions: list[Any], kwargs: dict[str, Any]) -> list[tuple[float, str, bool]]:
+        solutions = kwargs.get("solution_text_format")
+        if solutions is None and kwargs.get("reward_model") is not None:
+            solutions = [row["ground_truth"]["solution_text_format"] for row in kwargs["reward_model"]]
+        if solutions is None:
+            raise ValueError("kk reward needs the dataset column 'solution_text_format'")
+        if len(solutions) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(solutions)} solutions")
+        out = []
+        for completion, solution in zip(completions, solutions):
+            text = _completion_text(completion)
+            if not isinstance(text, str):
+                text = None  # judged as missing; keeps unhashable values out of the cache
+            out.append(judge(text, solution))
+        return out
+
+    def metric(name: str, pick: Callable[[tuple[float, str, bool]], float]) -> Callable[..., list[float]]:
+        def reward_func(completions: list[Any], **kwargs: Any) -> list[float]:
+            return [pick(judged) for judged in judge_batch(completions, kwargs)]
+
+        reward_func.__name__ = reward_func.__qualname__ = name
+        return reward_func
+
+    return [
+        metric("kk_reward", lambda j: float(j[0])),
+        metric("kk_correct", lambda j: float(j[1] == "correct")),
+        metric("kk_format_error", lambda j: float(not j[2])),
+        metric("kk_wrong", lambda j: float(j[1] == "wrong")),
+        metric("kk_unparseable", lambda j: float(j[1] == "unparseable")),
+    ]

@@ -1,0 +1,215 @@
+"""`python -m train.run`: build the base model, then train stage 1, 2 and 3.
+
+    python -m train.run base                 # build/locate the preset's base model
+    python -m train.run stage3               # everything needed up to stage 3
+    python -m train.run stage2 --dry-run     # print the plan of segments, touch nothing
+    python -m train.run all --schedule smollm2-135m --set stages.stage1.steps=4
+
+A stage is complete when its final checkpoint is registered with the schedule's config hash;
+complete stages are skipped and an interrupted one resumes from its last registered
+checkpoint (the optimizer state restarts there; the data order continues).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from train.cli import err_console, run_app
+from train.errors import UserError
+from train.registry import Checkpoint, Registry
+from train.schedule import STAGES, Schedule, ScheduleError, Segment, load_schedule, plan
+
+DEFAULT_SCHEDULE = "kk-tiny"
+
+
+def base_id(run: str) -> str:
+    return f"{run}/base"
+
+
+def ensure_base(sched: Schedule, registry: Registry, progress: bool = True) -> Checkpoint:
+    from train.models import resolve_model
+
+    path = resolve_model(sched.preset, progress=progress)
+    return registry.add(Checkpoint(id=base_id(sched.run), path=str(path), run=sched.run, stage="base",
+                                   global_step=0, preset=sched.preset, engine="base"))
+
+
+def _stage_entries(cks: list[Checkpoint], run: str, stage: str) -> list[Checkpoint]:
+    return sorted((c for c in cks if c.run == run and c.stage == stage), key=lambda c: c.global_step)
+
+
+def check_state(sched: Schedule, registry: Registry, target: str) -> dict[str, Checkpoint | None]:
+    """The final checkpoint of each stage up to `target` (None if not complete).
+
+    Refuses to mix schedules inside a run and to continue past a missing earlier stage.
+    """
+    cks = registry.checkpoints()
+    finals: dict[str, Checkpoint | None] = {}
+    for stage in STAGES:
+        entries = _stage_entries(cks, sched.run, stage)
+        want = sched.config_hash(stage)
+        stale = [c for c in entries if c.config_hash and c.config_hash != want]
+        if stale and stage in STAGES[: STAGES.index(target) + 1]:
+            raise ScheduleError(
+                f"run {sched.run!r} {stage} was trained with another schedule (config hash "
+                f"{stale[0].config_hash}, now {want}); choose another --run or remove its entries from {registry.path}")
+        finals[stage] = next((c for c in entries if c.stage_final), None)
+    for i, stage in enumerate(STAGES[1:], 1):
+        if finals[stage] is not None and finals[STAGES[i - 1]] is None:
+            raise ScheduleError(f"stage order violation in {registry.path}: {stage} of run {sched.run!r} "
+                                f"is complete but {STAGES[i - 1]} is not")
+    return finals
+
+
+def print_plan(sched: Schedule, segments: list[Segment]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {sched.run} · preset {sched.preset} · {sched.algorithm}", show_lines=False)
+    for col in ("stage", "seg", "steps", "global", "people", "batch×n", "T", "top_p", "top_k", "lr", "kl", "resp len", "save"):
+        t.add_column(col)
+    for s in segments:
+        t.add_row(s.stage, f"{s.index + 1}/{s.n_segments}", str(s.steps), f"{s.start_step}→{s.end_step}",
+                  ",".join(map(str, s.people)), f"{s.batch_prompts}×{s.rollout_n}", f"{s.temperature:g}",
+                  f"{s.top_p:g}", str(s.top_k), f"{s.lr:.3g}", f"{s.kl_type} {s.kl_coef:g}",
+                  str(s.max_response_length), str(s.save_every))
+    err_console.print(t)
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{path}: output folder is not writable ({exc.strerror})") from None
+
+
+def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, progress: bool = True) -> Checkpoint:
+    """Run every pending segment up to `target`; returns the target stage's final checkpoint."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from train.engine_local import SegmentJob, run_segment
+    from train.plots import training_figure
+
+    if sched.algorithm != "grpo":
+        raise ScheduleError(f"algorithm {sched.algorithm!r} runs on the veRL engine only (TRL has no "
+                            "REINFORCE++); use --engine verl or algorithm: grpo")
+    run_dir = runs_dir / sched.run
+    _check_writable(run_dir)
+    _check_writable(registry.path.parent.resolve())
+    finals = check_state(sched, registry, target)
+    segments = plan(sched, target)
+    (run_dir / "plan.json").write_text(json.dumps([s.model_dump() for s in segments], indent=1) + "\n")
+    parent = ensure_base(sched, registry, progress)
+
+    cks = registry.checkpoints()
+    pending = [s for s in segments if finals[s.stage] is None]
+    total = sum(s.steps for s in pending)
+    done_before = sum(
+        max((c.global_step for c in _stage_entries(cks, sched.run, s.stage)
+             if c.segment == s.index), default=s.start_step) - s.start_step
+        for s in pending)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                  disable=not progress or total == 0) as bar:
+        task = bar.add_task("training", total=total, completed=done_before)
+
+        def on_step(step: int, m: dict) -> None:
+            bar.advance(task)
+            bar.console.print(
+                f"step {step:4d} | reward {m.get('reward', float('nan')):+.3f} | correct {m.get('correct', 0):.2f}"
+                f" | format err {m.get('format_error', 0):.2f} | wrong {m.get('wrong', 0):.2f}"
+                f" | len {m.get('length_mean', 0):.0f} | kl {m.get('kl', 0):.4f} | T {m.get('temperature', 0):g}")
+
+        for stage in STAGES[: STAGES.index(target) + 1]:
+            if finals[stage] is not None:
+                parent = finals[stage]
+                continue
+            for seg in (s for s in segments if s.stage == stage):
+                entries = [c for c in _stage_entries(registry.checkpoints(), sched.run, stage) if c.segment == seg.index]
+                if any(c.segment_final for c in entries):
+                    parent = next(c for c in entries if c.segment_final)
+                    continue
+                start = entries[-1] if entries else parent
+                done = start.global_step - seg.start_step if entries else 0
+                bar.update(task, description=f"{stage} {seg.index + 1}/{seg.n_segments} T={seg.temperature:g}")
+                last_id = run_segment(SegmentJob(
+                    schedule=sched, segment=seg, init_path=registry.resolve(start), parent_id=start.id,
+                    run_dir=run_dir, registry=registry, config_hash=sched.config_hash(stage),
+                    done_steps=done, on_step=on_step))
+                parent = registry.get(last_id)
+            figure = training_figure(run_dir / "metrics.jsonl", run_dir / "figures" / f"training-{stage}.png",
+                                     title=f"{sched.run}: up to {stage}")
+            bar.console.print(f"{stage} done: {parent.id}  figure: {figure}")
+    return parent
+
+
+# --------------------------------------------------------------------------- CLI
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train the three-stage GRPO schedule and register checkpoints in ckpts.yaml.")
+
+TARGETS = ("base", *STAGES, "all")
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"bad --set {item!r}: use key.path=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+@app.command()
+def main(
+    target: str = typer.Argument(..., help="base | stage1 | stage2 | stage3 | all"),
+    schedule: str = typer.Option(DEFAULT_SCHEDULE, "--schedule", "-s", help="schedule preset or YAML path"),
+    engine: str = typer.Option("local", help="local (TRL) or verl (Ray, GPU cluster)"),
+    registry: Path = typer.Option(Path("ckpts.yaml"), help="checkpoint registry"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where checkpoints and metrics go"),
+    run: str = typer.Option(None, help="run name (default: the schedule's)"),
+    set_: list[str] = typer.Option([], "--set", help="schedule override, e.g. stages.stage1.steps=5"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and touch nothing"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    """Train up to TARGET (earlier stages as needed), skipping what is complete."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    overrides = _overrides(set_)
+    if run:
+        overrides["run"] = run
+    sched = load_schedule(schedule, overrides)
+    reg = Registry(registry)
+    if engine == "verl":
+        from train.engine_verl import run_verl
+
+        run_verl("stage3" if target == "all" else target, sched, reg, runs_dir, dry_run=dry_run)
+        return
+    if engine != "local":
+        raise UserError(f"unknown engine {engine!r}; use local or verl")
+    stage = "stage3" if target == "all" else target
+    if dry_run:
+        if stage != "base":
+            print_plan(sched, plan(sched, stage))
+        err_console.print(f"base model: preset {sched.preset}; registry {registry}; outputs {runs_dir / sched.run}")
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t0 = time.time()
+    if stage == "base":
+        ck = ensure_base(sched, reg, progress=not quiet)
+        err_console.print(f"base model {ck.id}: {reg.resolve(ck)}")
+        return
+    ck = train(stage, sched, reg, runs_dir, progress=not quiet)
+    err_console.print(f"{stage} complete: {ck.id} ({reg.resolve(ck)}) in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    run_app(app)
