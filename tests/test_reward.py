@@ -71,7 +71,7 @@ def test_prefilled_think():
     assert score_response(f"</think><answer>{GOOD}</answer>", SOLUTION, prefilled)["score"] == 3.0
     wrong = f"{THINK}</think><answer>{FLIPPED}</answer><|im_end|>"
     assert score_response(wrong, SOLUTION, prefilled)["score"] == -0.5
-    assert score_response(f"x</think><answer></answer>", SOLUTION, prefilled)["score"] == -1.0
+    assert score_response("x</think><answer></answer>", SOLUTION, prefilled)["score"] == -1.0
 
 
 def test_custom_config_values():
@@ -298,10 +298,14 @@ FRAGMENTS = [
     "knight", "knave", "Knights", "KNAVE", "kn\u0456ght", "\u212anight", "knighthood",
     " is a ", " is not a ", " or ", " and ", "\n", " ", "\t", "\r\n", "(1) ", ", ", ".", "",
     "<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "\u00a0", "骑士",
-    "Amelia is a knight", "Penelope is a knave", "Evelyn is a knight", "Amelia is a knave",
-    "Penelope is a knight", "Evelyn is a knave",
 ]
-fragment_text = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=8)), max_size=30).map("".join)
+CLAIMS = [f"{name} is a {role}" for name in NAMES for role in ("knight", "knave")]
+fragment_text = st.lists(st.one_of(st.sampled_from(FRAGMENTS + CLAIMS), st.text(max_size=8)),
+                         max_size=30).map("".join)
+# Answer blocks made mostly of claims, so that many get parsed (right, wrong, or nearly right).
+claim_text = st.lists(st.one_of(st.sampled_from(CLAIMS), st.sampled_from(CLAIMS), st.sampled_from(FRAGMENTS)),
+                      max_size=6).flatmap(
+    lambda parts: st.sampled_from(["\n", " ", ", ", "; "]).map(lambda sep: sep.join(parts)))
 solutions = st.tuples(st.booleans(), st.booleans(), st.booleans()).map(lambda roles: dict(zip(NAMES, roles)))
 
 
@@ -328,16 +332,29 @@ def oracle_full_credit(response: str, solution: dict[str, bool]) -> bool:
 
 
 @st.composite
+def near_answers(draw):
+    """One claim per person in any order, then up to two fragments spliced in anywhere."""
+    parts = [f"{name} is a {draw(st.sampled_from(['knight', 'knave']))}"
+             for name in draw(st.permutations(NAMES))]
+    for _ in range(draw(st.integers(0, 2))):
+        parts.insert(draw(st.integers(0, len(parts))), draw(st.sampled_from(FRAGMENTS + CLAIMS)))
+    return draw(st.sampled_from(["\n", " ", ", "])).join(parts)
+
+
+@st.composite
 def tagged_responses(draw):
     """Mostly well-formed tag skeletons around adversarial fragments, so many answers get parsed."""
+    answer = draw(st.one_of(near_answers(), claim_text, fragment_text))
     parts = [draw(fragment_text), "<think>", draw(fragment_text), "</think>", draw(fragment_text),
-             "<answer>", draw(fragment_text), "</answer>", draw(fragment_text)]
+             "<answer>", answer, "</answer>", draw(fragment_text)]
     if draw(st.booleans()):  # keep the edges clean so the answer block is judged
         parts[0] = parts[4] = parts[8] = draw(st.sampled_from(["", " ", "\n", "<|im_end|>"]))
+        if draw(st.booleans()):
+            parts[2] = draw(st.text(alphabet=st.characters(blacklist_characters="<>"), max_size=30))
     return "".join(parts)
 
 
-any_response = st.one_of(st.text(), fragment_text, tagged_responses())
+any_response = st.one_of(st.text(), fragment_text, tagged_responses(), tagged_responses())
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -519,6 +536,8 @@ def test_trl_reward_funcs_score_each_completion_once(monkeypatch):
 
 def test_trl_reward_funcs_odd_completions_do_not_raise():
     funcs = make_trl_reward_funcs()
-    completions = [None, [], [{"role": "assistant"}], [{"role": "assistant", "content": None}], 7]
-    columns = {"solution_text_format": [SOLUTION_TEXT] * 5}
-    assert call_like_trl(funcs[0], completions, **columns) == [-3.0] * 5
+    huge = wrap(GOOD, think="x" * 1_000_000)
+    completions = [None, [], [{"role": "assistant"}], [{"role": "assistant", "content": None}], 7, huge]
+    columns = {"solution_text_format": [SOLUTION_TEXT] * 6}
+    assert call_like_trl(funcs[0], completions, **columns) == [-3.0] * 6
+    assert call_like_trl(funcs[2], completions, **columns) == [1.0] * 6

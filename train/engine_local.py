@@ -110,10 +110,13 @@ def run_segment(job: SegmentJob) -> str:
     """Train one segment (or its remainder); returns the id of its last checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
     from train.reward import RewardConfig, make_trl_reward_funcs
 
+    hf_logging.disable_progress_bar()  # weight load/save bars would drown the step lines
     seg, sched = job.segment, job.schedule
     remaining = seg.steps - job.done_steps
     cuda = torch.cuda.is_available()
@@ -191,6 +194,7 @@ def run_segment(job: SegmentJob) -> str:
 
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Recorder()])
+    trainer.remove_callback(PrinterCallback)  # our Recorder prints one compact line per step
     trainer.train()
     del trainer, model
     return last["id"]

@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ANSWER_STATUSES",
     "DEFAULT",
     "RewardConfig",
     "compute_score",
@@ -81,9 +82,7 @@ _ROLE = r"[Kk][Nn](?:[Ii][Gg][Hh][Tt]|[Aa][Vv][Ee])"
 # role glued to a letter of another script is not a role word.
 _ROLE_WORD_RE = re.compile(rf"(?<!\w){_ROLE}[Ss]?(?!\w)")
 # A name is any text without parentheses; names containing a role word are rejected below.
-_SOLUTION_LINE_RE = re.compile(
-    r"\((\d+)\)\s*([^\s()](?:[^()]*[^\s()])?)\s+is\s+a\s+(knight|knave)", re.IGNORECASE
-)
+_SOLUTION_LINE_RE = re.compile(rf"\((\d+)\)\s*([^\s()](?:[^()]*[^\s()])?)\s+[Ii][Ss]\s+[Aa]\s+({_ROLE})")
 
 
 def parse_solution_text(text: str) -> dict[str, bool]:
@@ -91,6 +90,8 @@ def parse_solution_text(text: str) -> dict[str, bool]:
 
     The order of the lines is kept. Raises ValueError (one line) on malformed text.
     """
+    if not isinstance(text, str):
+        raise ValueError(f"solution text must be a string, got {type(text).__name__}")
     return dict(_parse_solution_text(text))
 
 
@@ -98,22 +99,24 @@ def parse_solution_text(text: str) -> dict[str, bool]:
 def _parse_solution_text(text: str) -> tuple[tuple[str, bool], ...]:
     if not isinstance(text, str):
         raise ValueError(f"solution text must be a string, got {type(text).__name__}")
-    lines = [line.strip() for line in text.strip().splitlines()]
-    if not lines or lines == [""]:
+    lines = text.strip().splitlines()
+    if not lines:
         raise ValueError("solution text is empty")
     people: list[tuple[str, bool]] = []
+    seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
-        match = _SOLUTION_LINE_RE.fullmatch(line)
+        match = _SOLUTION_LINE_RE.fullmatch(line.strip())
         if match is None:
             raise ValueError(f"solution line {number} is not '({number}) Name is a knight|knave': {line!r}")
-        if int(match.group(1)) != number:
-            raise ValueError(f"solution line {number} is numbered ({match.group(1)}): {line!r}")
-        name = match.group(2)
-        if _ROLE_WORD_RE.search(name):
-            raise ValueError(f"solution line {number} has a role word in the name: {line!r}")
-        if any(name == seen for seen, _ in people):
+        index, name, role = match.groups()
+        if int(index) != number:
+            raise ValueError(f"solution line {number} is numbered ({index}): {line!r}")
+        if name in seen:
             raise ValueError(f"solution names {name!r} twice: {text!r}")
-        people.append((name, match.group(3).lower() == "knight"))
+        if "kn" in name.lower() and _ROLE_WORD_RE.search(name):
+            raise ValueError(f"solution line {number} has a role word in the name: {line!r}")
+        seen.add(name)
+        people.append((name, role[2] in "iI"))
     return tuple(people)
 
 
@@ -122,20 +125,38 @@ def _solution_pairs(solution: Mapping[str, bool] | str) -> tuple[tuple[str, bool
         return _parse_solution_text(solution)
     if isinstance(solution, Mapping):
         pairs = tuple((name, bool(role)) for name, role in solution.items())
-        if not pairs or not all(isinstance(name, str) and name.strip() for name, _ in pairs):
-            raise ValueError(f"solution must map non-empty names to booleans: {dict(solution)!r}")
+        if not pairs or not all(
+            isinstance(name, str) and name.strip() and not _ROLE_WORD_RE.search(name) for name, _ in pairs
+        ):
+            raise ValueError(f"solution must map names (no role words) to booleans: {dict(solution)!r}")
         return pairs
     raise TypeError(f"solution must be a mapping or solution text, got {type(solution).__name__}")
 
 
-@lru_cache(maxsize=4096)
-def _name_patterns(names: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    """(any name as a whole word, "Name is a role") for one cast of people, compiled once."""
-    # Longest first so that of "Ann" and "Ann Lee" the longer one is taken where it fits.
-    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-    any_name = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
-    claim = re.compile(rf"(?<!\w)({alternatives})\s+[Ii][Ss]\s+[Aa]\s+({_ROLE})(?!\w)")
-    return any_name, claim
+# What follows a name in a claim; matched at the position right after the name.
+_CLAIM_TAIL_RE = re.compile(rf"\s+[Ii][Ss]\s+[Aa]\s+({_ROLE})(?!\w)")
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"  # exactly what re's Unicode \w matches
+
+
+def _mention(block: str, name: str, taken: list[tuple[int, int]]) -> int | None:
+    """Where `name` stands as a whole word exactly once in block (outside longer names' spans)."""
+    found = None
+    start = block.find(name)
+    while start != -1:
+        end = start + len(name)
+        if (
+            (start == 0 or not _is_word_char(block[start - 1]))
+            and (end == len(block) or not _is_word_char(block[end]))
+            and not any(start < t_end and t_start < end for t_start, t_end in taken)
+        ):
+            if found is not None:
+                return None
+            found = start
+        start = block.find(name, start + 1)
+    return found
 
 
 def _strip_end(text: str) -> str:
@@ -181,18 +202,24 @@ def _answer_block(response: str, config: RewardConfig) -> str | None:
 
 def _judge_answer(block: str, people: tuple[tuple[str, bool], ...]) -> tuple[str, int]:
     """("correct" | "wrong" | "unparseable", number of people given the right role)."""
-    n = len(people)
-    if len(_ROLE_WORD_RE.findall(block)) != n:
+    if len(_ROLE_WORD_RE.findall(block)) != len(people):
         return "unparseable", 0
-    any_name, claim = _name_patterns(tuple(name for name, _ in people))
-    mentions = any_name.findall(block)
-    if len(mentions) != n or len(set(mentions)) != n:
-        return "unparseable", 0
-    claimed = {name: role.lower() == "knight" for name, role in claim.findall(block)}
-    if len(claimed) != n:
-        return "unparseable", 0
-    n_right = sum(claimed[name] == is_knight for name, is_knight in people)
-    return ("correct" if n_right == n else "wrong"), n_right
+    # Plain str.find per name instead of a regex per cast: compiling one pattern per puzzle
+    # would dominate the cost when every response belongs to a different puzzle.
+    # Longer names go first and claim their span, so "Ann" is not found inside "Mary Ann".
+    taken: list[tuple[int, int]] = []
+    n_right = 0
+    for name, is_knight in sorted(people, key=lambda person: -len(person[0])):
+        start = _mention(block, name, taken)
+        if start is None:
+            return "unparseable", 0
+        end = start + len(name)
+        claim = _CLAIM_TAIL_RE.match(block, end)
+        if claim is None:
+            return "unparseable", 0
+        taken.append((start, end))
+        n_right += (claim.group(1)[2] in "iI") == is_knight  # kn-I-ght vs kn-A-ve
+    return ("correct" if n_right == len(people) else "wrong"), n_right
 
 
 def _score(response: str, people: tuple[tuple[str, bool], ...], config: RewardConfig) -> dict[str, Any]:
@@ -281,10 +308,13 @@ def make_trl_reward_funcs(config: RewardConfig = DEFAULT) -> list[Callable[..., 
     `reward_model` column). Each completion is scored once for all five functions.
     """
 
-    @lru_cache(maxsize=8192)
-    def judge(response: Any, solution_text: str) -> tuple[float, str, bool]:
+    def judge(response: str | None, solution_text: str) -> tuple[float, str, bool]:
         result = _score(response, _parse_solution_text(solution_text), config)
         return result["score"], result["answer"], result["format_ok"]
+
+    # TRL calls the five functions one after another on the same batch; this cache makes the
+    # last four free. Over-long responses are judged instantly and kept out of it (memory).
+    judge_cached = lru_cache(maxsize=4096)(judge)
 
     def judge_batch(completions: list[Any], kwargs: dict[str, Any]) -> list[tuple[float, str, bool]]:
         solutions = kwargs.get("solution_text_format")
@@ -299,7 +329,8 @@ def make_trl_reward_funcs(config: RewardConfig = DEFAULT) -> list[Callable[..., 
             text = _completion_text(completion)
             if not isinstance(text, str):
                 text = None  # judged as missing; keeps unhashable values out of the cache
-            out.append(judge(text, solution))
+            too_long = text is not None and len(text) > config.max_chars
+            out.append((judge if too_long else judge_cached)(text, solution))
         return out
 
     def metric(name: str, pick: Callable[[tuple[float, str, bool]], float]) -> Callable[..., list[float]]:
