@@ -33,11 +33,11 @@ def write_schedule(tmp: Path, model: Path, steps=(2, 2, 2), save_every=1, segmen
     return path
 
 
-def cli(tmp: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+def cli(tmp: Path, *args: str, runs_dir: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "KKLAB_CACHE": str(tmp / "cache")}
     return subprocess.run([sys.executable, "-m", "train.run", *args, "--registry", str(tmp / "ckpts.yaml"),
-                           "--runs-dir", str(tmp / "runs"), "--quiet"], capture_output=True, text=True,
-                          cwd=REPO, env=env, **kw)
+                           "--runs-dir", str(runs_dir or tmp / "runs"), "--quiet"], capture_output=True,
+                          text=True, cwd=REPO, env=env)
 
 
 def assert_registry_sound(tmp: Path) -> list:
@@ -126,6 +126,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path, tiny_ckpt):
 def test_bad_input_one_line_nothing_overwritten(tmp_path, tiny_ckpt, case):
     sched = write_schedule(tmp_path, tiny_ckpt)
     args = ["stage1", "--schedule", str(sched)]
+    runs_dir = None
     reg_text = "# mine\ncheckpoints: []\n"
     if case == "unknown_preset":
         args += ["--set", f"preset={tmp_path / 'no-such-model'}"]
@@ -135,7 +136,7 @@ def test_bad_input_one_line_nothing_overwritten(tmp_path, tiny_ckpt, case):
         msg = "top_p"
     elif case == "unwritable":
         (tmp_path / "file").write_text("x")
-        args = ["stage1", "--schedule", str(sched), "--runs-dir", str(tmp_path / "file" / "runs")]
+        runs_dir = tmp_path / "file" / "runs"
         msg = "not writable"
     elif case == "stage_order":
         reg_text = (f"# mine\ncheckpoints:\n  - id: tiny/stage2/step-000004\n    path: {tiny_ckpt}\n"
@@ -152,7 +153,7 @@ def test_bad_input_one_line_nothing_overwritten(tmp_path, tiny_ckpt, case):
         args += ["--set", "algorithm=reinforce_plus_plus"]
         msg = "veRL engine only"
     (tmp_path / "ckpts.yaml").write_text(reg_text)
-    r = cli(tmp_path, *args)
+    r = cli(tmp_path, *args, runs_dir=runs_dir)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.stderr

@@ -220,7 +220,7 @@ def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: in
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
+        raise DataError(f"{out}: data root exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -255,6 +255,22 @@ def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: in
         return summary
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_built(root: str | Path, people: Sequence[int], n_train: int = 900, n_test: int = 100,
+                 seed: int = 0, prompt_style: str = "chat", progress: bool = True) -> None:
+    """Build the datasets under `root` unless every requested size is already there.
+
+    A partial folder is rebuilt whole so that disjointness across sizes holds.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: data root exists and is not a folder")
+    if all(p.exists() for n in people for p in dataset_paths(root, n).values()):
+        return
+    built = sorted({int(d.name.removesuffix("ppl")) for d in root.glob("*ppl") if d.is_dir()} | set(people)) \
+        if root.exists() else sorted(set(people))
+    build(root, built, n_train, n_test, seed, prompt_style, progress=progress)
 
 
 def load_split(root: str | Path, people: Sequence[int], split: str) -> list[Puzzle]:

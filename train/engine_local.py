@@ -64,14 +64,10 @@ def build_dataset(schedule: Schedule, seg: Segment, tokenizer, skip: int):
 
     from datasets import Dataset
 
-    from train.data import build, dataset_paths, load_split
+    from train.data import load_split
     from train.prompts import chat_messages, raw_prompt
 
-    root = Path(schedule.data.root)
-    if not all(dataset_paths(root, n)["train"].exists() for n in seg.people):
-        build(root, sorted(set(seg.people)), schedule.data.train_per_size, schedule.data.test_per_size,
-              schedule.data.seed, schedule.data.prompt_style, progress=False)
-    puzzles = load_split(root, seg.people, "train")
+    puzzles = load_split(schedule.data.root, seg.people, "train")
     rows = []
     for p in puzzles:
         if schedule.data.prompt_style == "raw":

@@ -94,6 +94,7 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
     """Run every pending segment up to `target`; returns the target stage's final checkpoint."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from train.data import ensure_built
     from train.engine_local import SegmentJob, run_segment
     from train.plots import training_figure
 
@@ -105,8 +106,11 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
     _check_writable(registry.path.parent.resolve())
     finals = check_state(sched, registry, target)
     segments = plan(sched, target)
-    (run_dir / "plan.json").write_text(json.dumps([s.model_dump() for s in segments], indent=1) + "\n")
+    d = sched.data
+    ensure_built(d.root, sorted({n for s in segments for n in s.people}), d.train_per_size, d.test_per_size,
+                 d.seed, d.prompt_style, progress=progress)
     parent = ensure_base(sched, registry, progress)
+    (run_dir / "plan.json").write_text(json.dumps([s.model_dump() for s in segments], indent=1) + "\n")
 
     cks = registry.checkpoints()
     pending = [s for s in segments if finals[s.stage] is None]
