@@ -16,7 +16,10 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 def run_app(app: typer.Typer) -> None:
     """Run a typer app; a user error prints `error: <one line>` and exits 2."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's `typer.Exit(code)` instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                           soft_wrap=True)

@@ -1,0 +1,552 @@
+"""The checkpoint harness: run analyses over checkpoints, one model in memory at a time.
+
+    registry = Registry("ckpts.yaml")
+    cks = select_checkpoints(registry, run="kk-tiny", stage="stage2", steps=(0, 200), every=2)
+    outcomes = analyse_checkpoints(registry, cks, [get_analysis("behaviours")],
+                                   cache=ResultCache("reports/cache"), config=HarnessConfig())
+
+For each checkpoint the harness looks up every analysis's result in the `ResultCache` (keyed
+by checkpoint id, analysis name and parameters, which include the weights fingerprint, the
+probe set and, for analyses that read generations, the generation settings). Only when
+something is missing does it load the checkpoint through nnsight, build an
+`AnalysisContext` and run the missing analyses; then it frees the model before the next.
+
+A checkpoint that cannot be used (missing folder, unreadable weights, a tokenizer that does
+not fit the model) yields one error line naming it; the others are still analysed and nothing
+is cached for it.
+
+Plug-ins: an analysis is a subclass of `Analysis` decorated with `@register_analysis`, in any
+module of the `analysis` or `probes` packages (found by `load_plugins`) or in a module named
+with `--plugin`. It supplies `run(ctx) -> dict` (JSON-able), and for reports
+`report_section(result) -> (markdown, figures)` and `trend_metrics(result) -> {label: value}`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import json
+import pkgutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+from analysis.cache import ResultCache, weights_fingerprint
+from analysis.evaluate import EVAL_SEED
+from train.errors import UserError
+from train.kk import Puzzle
+from train.registry import Checkpoint, Registry
+
+PLUGIN_PACKAGES = ("analysis", "probes")
+GENERATIONS = "generations"        # cache name of a checkpoint's probe-set generations
+SHARED_CACHE_ID = "_shared"        # cache "checkpoint" for checkpoint-independent results
+# A model's embedding may have more rows than its tokenizer has tokens (Qwen2.5 pads 271);
+# more spare rows than this means the tokenizer belongs to another model.
+VOCAB_SLACK = 1024
+
+
+class HarnessError(UserError):
+    pass
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint that cannot be analysed; the message names it."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The fixed probe set: the first `per_size` puzzles of each size of evaluation's held-out
+    set (seed reserved for evaluation), so evaluation's kept generations can be reused."""
+
+    sizes: tuple[int, ...] = (3, 4, 5, 6, 7)
+    per_size: int = 8
+    seed: int = EVAL_SEED
+
+    def params(self) -> dict:
+        return {"sizes": list(self.sizes), "per_size": self.per_size, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How each checkpoint answers the probe set (greedy by default)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    prompt_style: str = "chat"
+    batch_size: int = 8
+    seed: int = 0
+
+    def params(self) -> dict:
+        d = asdict(self)
+        d.pop("batch_size")  # does not change the outputs
+        return d
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    device: str = "auto"       # auto | cpu | cuda | cuda:1 ...
+    dtype: str = "auto"        # auto | float32 | bfloat16 | float16
+
+
+_PROBE_CACHE: dict[ProbeConfig, list[Puzzle]] = {}
+
+
+def probe_puzzles(config: ProbeConfig = ProbeConfig()) -> list[Puzzle]:
+    """The probe puzzles, ordered by size (deterministic for the config)."""
+    from analysis.evaluate import heldout_puzzles
+
+    if config not in _PROBE_CACHE:
+        _PROBE_CACHE[config] = heldout_puzzles(config.sizes, config.per_size, config.seed)
+    return list(_PROBE_CACHE[config])
+
+
+# --------------------------------------------------------------------------- selection
+
+def parse_steps(spec: str | None) -> tuple[int | None, int | None]:
+    """"lo-hi", "lo-", "-hi" or "n" -> a step range (None = open)."""
+    if spec is None or not spec.strip():
+        return None, None
+    try:
+        if "-" not in spec:
+            return int(spec), int(spec)
+        lo, hi = spec.split("-", 1)
+        return (int(lo) if lo.strip() else None), (int(hi) if hi.strip() else None)
+    except ValueError:
+        raise HarnessError(f"bad step range {spec!r}: use lo-hi, lo-, -hi or a single step") from None
+
+
+def select_checkpoints(registry: Registry, *, run: str | None = None, stage: str | None = None,
+                       steps: tuple[int | None, int | None] | str | None = None, every: int = 1,
+                       ids: Sequence[str] | str | None = None) -> list[Checkpoint]:
+    """Checkpoints of the registry by run, stage (comma list), step range, every k-th, or ids."""
+    if every < 1:
+        raise HarnessError(f"--every must be at least 1, got {every}")
+    if isinstance(steps, str) or steps is None:
+        steps = parse_steps(steps)
+    if isinstance(ids, str):
+        ids = [i.strip() for i in ids.split(",") if i.strip()]
+    return registry.select(run=run, stage=stage, steps=steps, every=every, ids=list(ids) if ids else None)
+
+
+# --------------------------------------------------------------------------- loading
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str = "auto", device: str = "cpu"):
+    """fp32 on CPU (bf16 matmuls are slow there and lose the precision the probabilities
+    need); bf16 on a GPU that supports it, else fp16."""
+    import torch
+
+    if dtype != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise HarnessError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def load_model(path: str | Path, *, ckpt_id: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """Load an HF folder through nnsight; returns (TransformersModel, tokenizer).
+
+    Raises CheckpointError (one line naming the checkpoint) for a missing folder, an
+    unreadable tokenizer or weights, or a tokenizer whose vocabulary does not fit the model.
+    """
+    from nnsight import TransformersModel
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    name = ckpt_id or str(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{name}: checkpoint folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{name}: {path} is not an HF model folder (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise CheckpointError(f"{name}: no weights (*.safetensors or *.bin) in {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # any failure to read the files is the checkpoint's fault
+        raise CheckpointError(f"{name}: cannot load the tokenizer from {path} ({_first_line(exc)})") from None
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    kwargs = {"device_map": device} if device != "cpu" else {}
+    try:
+        lm = TransformersModel(str(path), tokenizer=tokenizer, task="text-generation", dispatch=True,
+                               attn_implementation="eager", dtype=torch_dtype, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"{name}: cannot load the weights from {path} ({_first_line(exc)})") from None
+    problem = vocab_problem(lm._module, tokenizer)
+    if problem:
+        del lm
+        release_memory()
+        raise CheckpointError(f"{name}: {problem}")
+    lm._module.eval()
+    return lm, tokenizer
+
+
+def vocab_problem(model: Any, tokenizer: Any) -> str | None:
+    """Why the tokenizer does not fit the model's embedding, or None when it does."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    n_tok = len(tokenizer)
+    if n_tok > rows or rows - n_tok > max(VOCAB_SLACK, rows // 100):
+        return f"the tokenizer has {n_tok} tokens but the model embeds {rows}: they do not belong together"
+    return None
+
+
+def release_memory() -> None:
+    """Collect a dropped model now (the caller must hold no reference to it)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A digest of everything that decides token ids (vocabulary, merges, normalization,
+    added tokens, chat template), equal for equal tokenizers across checkpoints."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), str(tokenizer.special_tokens_map)],
+                       sort_keys=True, default=str)
+    return hashlib.sha1((body + extra).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- plug-ins
+
+class Analysis:
+    """Base of every analysis. Subclass it, set `name` (and `title`), implement `run`, and
+    decorate the class with `@register_analysis`.
+
+    Class attributes:
+      name             unique key (cache files, CLI `--analyses`)
+      title            section heading in reports
+      order            position of the section in a report (smaller first)
+      version          bump to invalidate cached results after changing `run`
+      uses_probe       the result depends on the probe puzzles (`ctx.probe`)
+      uses_generations the result depends on the probe-set generations (`ctx.generations`)
+      uses_model       `run` needs the model (False: it only reads generations)
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    version: ClassVar[int] = 1
+    uses_probe: ClassVar[bool] = True
+    uses_generations: ClassVar[bool] = False
+    uses_model: ClassVar[bool] = True
+
+    def params(self) -> dict:
+        """The parameters that decide the result (part of the cache key)."""
+        return {}
+
+    def run(self, ctx: "AnalysisContext") -> dict:
+        raise NotImplementedError
+
+    def report_section(self, result: dict) -> tuple[str, list]:
+        """Markdown and figures for one checkpoint's report. Figures are matplotlib figures
+        or (caption, figure) pairs. Default: the result as a JSON block."""
+        return f"```json\n{json.dumps(result, indent=1, default=str)[:4000]}\n```\n", []
+
+    def trend_metrics(self, result: dict) -> dict[str, float]:
+        """Scalars to plot over training steps in the index report, by label. A label
+        `x` with companions `x@lo` and `x@hi` is drawn with that band."""
+        return {}
+
+
+_ANALYSES: dict[str, type[Analysis]] = {}
+
+
+def register_analysis(cls: type[Analysis]) -> type[Analysis]:
+    """Class decorator: make an Analysis available to the harness, the CLI and reports."""
+    if not cls.name:
+        raise HarnessError(f"analysis class {cls.__name__} has no name")
+    if cls.name in _ANALYSES and _ANALYSES[cls.name].__qualname__ != cls.__qualname__:
+        raise HarnessError(f"two analyses are named {cls.name!r}: "
+                           f"{_ANALYSES[cls.name].__qualname__} and {cls.__qualname__}")
+    _ANALYSES[cls.name] = cls
+    return cls
+
+
+def load_plugins(extra_modules: Sequence[str] = ()) -> dict[str, type[Analysis]]:
+    """Import every module of the plug-in packages that registers an analysis (found by
+    reading its source, so unrelated heavy modules stay unimported), plus `extra_modules`."""
+    for pkg_name in PLUGIN_PACKAGES:
+        try:
+            pkg = importlib.import_module(pkg_name)
+        except ImportError:
+            continue
+        for info in pkgutil.iter_modules(pkg.__path__):
+            spec = info.module_finder.find_spec(info.name)
+            origin = getattr(spec, "origin", None) if spec else None
+            if not origin or not origin.endswith(".py") or info.name in ("harness", "__main__"):
+                continue
+            if "@register_analysis" in Path(origin).read_text(encoding="utf-8", errors="ignore"):
+                importlib.import_module(f"{pkg_name}.{info.name}")
+    for mod in extra_modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise HarnessError(f"cannot import plug-in module {mod!r} ({_first_line(exc)})") from None
+    return dict(_ANALYSES)
+
+
+def available_analyses() -> dict[str, type[Analysis]]:
+    return dict(sorted(_ANALYSES.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def get_analysis(name: str, **options: Any) -> Analysis:
+    if name not in _ANALYSES:
+        load_plugins()
+    if name not in _ANALYSES:
+        raise HarnessError(f"unknown analysis {name!r}; available: {', '.join(available_analyses()) or 'none'}")
+    try:
+        return _ANALYSES[name](**options)
+    except TypeError as exc:
+        raise HarnessError(f"analysis {name!r}: bad options {sorted(options)} ({exc})") from None
+
+
+# --------------------------------------------------------------------------- context
+
+@dataclass
+class AnalysisContext:
+    """What an analysis sees for one checkpoint."""
+
+    checkpoint: Checkpoint
+    path: Path
+    model: Any                   # nnsight TransformersModel; None until `require_model()` loads it
+    tokenizer: Any               # loaded with the model
+    probe: list[Puzzle]
+    config: HarnessConfig
+    cache: ResultCache
+    fingerprint: str
+    progress: Any = None         # a running rich Progress, or None
+    registry: Registry | None = None   # the registry the checkpoint was selected from
+    _load: Callable[[], tuple[Any, Any]] | None = None
+    _generations: list[dict] | None = None
+
+    @property
+    def hf_model(self) -> Any:
+        """The underlying transformers model (for plain forwards outside nnsight)."""
+        return self.require_model()._module
+
+    @property
+    def device(self) -> Any:
+        return next(self.hf_model.parameters()).device
+
+    def require_model(self) -> Any:
+        if self.model is None:
+            if self._load is None:
+                raise HarnessError(f"{self.checkpoint.id}: no model in this context")
+            self.model, self.tokenizer = self._load()
+        return self.model
+
+    @property
+    def generations(self) -> list[dict]:
+        """One scored record per probe puzzle (see `generation_records`), from the cache,
+        from evaluation's kept generations, or generated now (and cached)."""
+        if self._generations is None:
+            self._generations = load_or_generate(self)
+        return self._generations
+
+    def shared_get_or_compute(self, analysis: str, params: dict, compute: Callable[[], Any]) -> Any:
+        """A cached result shared by all checkpoints (e.g. token ids of fixed contexts):
+        key it by what it depends on, e.g. `tokenizer_identity(ctx.tokenizer)`."""
+        return self.cache.get_or_compute(SHARED_CACHE_ID, analysis, params, compute)
+
+
+def generation_params(ck_fingerprint: str, config: HarnessConfig) -> dict:
+    return {"probe": config.probe.params(), "generation": config.generation.params(),
+            "weights": ck_fingerprint}
+
+
+def generation_records(puzzles: Sequence[Puzzle], outs: Sequence[Any], prompt_style: str) -> list[dict]:
+    """Score one output per puzzle with the training reward; JSON-able records."""
+    from analysis.generate import prompt_reward_config
+    from train.reward import score_response
+
+    reward = prompt_reward_config(prompt_style)
+    records = []
+    for p, o in zip(puzzles, outs):
+        o = o[0] if isinstance(o, (list, tuple)) else o
+        s = score_response(o.text, p.solution_text_format, reward)
+        records.append({
+            "puzzle_id": p.id, "people": p.people, "names": list(p.names), "prompt_style": prompt_style,
+            "text": o.text, "n_tokens": o.n_tokens, "finished": o.finished,
+            "answer": s["answer"], "correct": s["answer"] == "correct", "score": s["score"],
+            "format_ok": s["format_ok"],
+        })
+    return records
+
+
+def _from_evaluation(ctx: AnalysisContext) -> list[dict] | None:
+    """Evaluation's kept generations, when a cached evaluation of these very weights covered
+    the probe puzzles with the same decoding settings (its first sample per puzzle)."""
+    from analysis.cache import safe_id
+    from analysis.evaluate import ANALYSIS, EvalConfig, load_generations
+
+    g, probe = ctx.config.generation, ctx.config.probe
+    for path in sorted((ctx.cache.root / safe_id(ctx.checkpoint.id)).glob(f"{ANALYSIS}-*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            params, summary = record["params"], record["result"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        greedy = params.get("mode") == "greedy"
+        same_decoding = (greedy and g.temperature == 0) or (
+            not greedy and g.temperature == params.get("temperature") and g.top_p == params.get("top_p")
+            and g.top_k == params.get("top_k") and g.seed == params.get("seed"))
+        if not (same_decoding and summary.get("weights") == ctx.fingerprint
+                and params.get("seed") == probe.seed and params.get("external") is None
+                and params.get("train_data") is None and params.get("max_new_tokens") == g.max_new_tokens
+                and params.get("prompt_style") == g.prompt_style
+                and params.get("n_per_size", 0) >= probe.per_size
+                and set(probe.sizes) <= set(params.get("people", ()))):
+            continue
+        try:
+            frame = load_generations(ctx.cache, ctx.checkpoint.id, EvalConfig(**params))
+        except (UserError, ValueError):
+            continue
+        rows = {r["puzzle_id"]: r for r in frame[frame["sample"] == 0].to_dict("records")}
+        if not all(p.id in rows for p in ctx.probe):
+            continue
+        return [{
+            "puzzle_id": p.id, "people": p.people, "names": list(p.names), "prompt_style": g.prompt_style,
+            "text": rows[p.id]["text"], "n_tokens": int(rows[p.id]["n_tokens"]),
+            "finished": bool(rows[p.id]["finished"]), "answer": rows[p.id]["answer"],
+            "correct": rows[p.id]["answer"] == "correct", "score": float(rows[p.id]["score"]),
+            "format_ok": bool(rows[p.id]["format_ok"]), "source": "evaluation",
+        } for p in ctx.probe]
+    return None
+
+
+def load_or_generate(ctx: AnalysisContext) -> list[dict]:
+    from analysis.generate import generate, render_prompts
+
+    params = generation_params(ctx.fingerprint, ctx.config)
+    hit = ctx.cache.get(ctx.checkpoint.id, GENERATIONS, params)
+    if hit is not None:
+        return hit
+    records = _from_evaluation(ctx)
+    if records is None:
+        g = ctx.config.generation
+        ctx.require_model()
+        prompts = render_prompts(ctx.tokenizer, ctx.probe, g.prompt_style)
+        outs = generate(ctx.hf_model, ctx.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
+                        temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, num_samples=1,
+                        batch_size=g.batch_size, seed=g.seed,
+                        progress=ctx.progress if ctx.progress is not None else False)
+        records = generation_records(ctx.probe, outs, g.prompt_style)
+    ctx.cache.put(ctx.checkpoint.id, GENERATIONS, params, records)
+    return records
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class CheckpointOutcome:
+    checkpoint: Checkpoint
+    results: dict[str, dict] = field(default_factory=dict)   # analysis name -> result
+    computed: list[str] = field(default_factory=list)        # names computed in this run
+    error: str | None = None                                  # one line, when it failed
+
+
+def analysis_params(analysis: Analysis, fingerprint: str, config: HarnessConfig) -> dict:
+    """The cache key parameters of one analysis on one checkpoint."""
+    params = {"params": analysis.params(), "version": analysis.version, "weights": fingerprint}
+    if analysis.uses_probe or analysis.uses_generations:
+        params["probe"] = config.probe.params()
+    if analysis.uses_generations:
+        params["generation"] = config.generation.params()
+    return params
+
+
+def analyse_checkpoint(registry: Registry, ck: Checkpoint, analyses: Sequence[Analysis], *,
+                       cache: ResultCache, config: HarnessConfig = HarnessConfig(),
+                       progress: Any = None) -> CheckpointOutcome:
+    """Run the analyses missing from the cache on one checkpoint (see module doc)."""
+    outcome = CheckpointOutcome(checkpoint=ck)
+    path = registry.resolve(ck)
+    if not path.is_dir():
+        outcome.error = f"{ck.id}: checkpoint folder {path} does not exist"
+        return outcome
+    fingerprint = weights_fingerprint(path)
+    keys = {a.name: analysis_params(a, fingerprint, config) for a in analyses}
+    missing = []
+    for a in analyses:
+        hit = cache.get(ck.id, a.name, keys[a.name])
+        if hit is None:
+            missing.append(a)
+        else:
+            outcome.results[a.name] = hit
+    if not missing:
+        return outcome
+
+    ctx = AnalysisContext(checkpoint=ck, path=path, model=None, tokenizer=None,
+                          probe=probe_puzzles(config.probe), config=config, cache=cache,
+                          fingerprint=fingerprint, progress=progress, registry=registry,
+                          _load=lambda: load_model(path, ckpt_id=ck.id, device=config.device, dtype=config.dtype))
+    try:
+        needs_generation = any(a.uses_generations for a in missing) and _needs_generation(ctx)
+        if any(a.uses_model for a in missing) or needs_generation:
+            ctx.require_model()  # fail early, before anything is cached for a bad checkpoint
+        for a in missing:
+            result = a.run(ctx)
+            cache.put(ck.id, a.name, keys[a.name], result)
+            outcome.results[a.name] = result
+            outcome.computed.append(a.name)
+    except CheckpointError as exc:
+        outcome.error = str(exc)
+    except UserError as exc:
+        outcome.error = f"{ck.id}: {exc}"
+    finally:
+        # Drop every reference to the model before collecting, so the next one has the memory.
+        ctx.model = ctx.tokenizer = ctx._load = None
+        del ctx
+        release_memory()
+    return outcome
+
+
+def _needs_generation(ctx: AnalysisContext) -> bool:
+    return ctx.cache.get(ctx.checkpoint.id, GENERATIONS, generation_params(ctx.fingerprint, ctx.config)) is None
+
+
+def analyse_checkpoints(registry: Registry, checkpoints: Sequence[Checkpoint], analyses: Sequence[Analysis], *,
+                        cache: ResultCache, config: HarnessConfig = HarnessConfig(), progress: Any = None,
+                        on_outcome: Callable[[CheckpointOutcome], None] | None = None) -> list[CheckpointOutcome]:
+    """`analyse_checkpoint` over many checkpoints, in order; a bad one does not stop the rest.
+
+    progress: a running rich Progress to add a task to (and to pass to generation), or None.
+    """
+    task = progress.add_task("checkpoints", total=len(checkpoints)) if progress is not None else None
+    outcomes = []
+    for ck in checkpoints:
+        if task is not None:
+            progress.update(task, description=f"analysing {ck.id}")
+        outcome = analyse_checkpoint(registry, ck, analyses, cache=cache, config=config, progress=progress)
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if task is not None:
+            progress.advance(task)
+    return outcomes
