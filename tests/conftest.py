@@ -51,6 +51,42 @@ def tiny_ckpt_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_checkpoint(root / "a", seed=0), make_tiny_checkpoint(root / "b", seed=1)
 
 
+def write_schedule(tmp: Path, model: Path, steps=(2, 2, 2), save_every=1, segments3=2,
+                   max_response_length: int = 12, **extra) -> Path:
+    """A schedule YAML for a tiny model: a couple of steps per stage, stage 3 annealed."""
+    import yaml
+
+    def stage(people, steps, **kw):
+        return {"people": people, "batch_prompts": 2, "rollout_n": 2, "temperature": {"start": 1.0},
+                "lr": {"start": 1e-4}, "max_prompt_length": 512, "max_response_length": max_response_length,
+                "steps": steps, "save_every": save_every, **kw}
+
+    sched = {"run": "tiny", "preset": str(model),
+             "data": {"root": str(tmp / "data"), "train_per_size": 12, "test_per_size": 4},
+             "stages": {"stage1": stage([3], steps[0]), "stage2": stage([4], steps[1], temperature={"start": 1.2}),
+                        "stage3": stage([3, 4], steps[2], temperature={"start": 1.2, "end": 0.9},
+                                        lr={"start": 1e-4, "end": 5e-5}, segments=segments3)},
+             **extra}
+    path = tmp / "sched.yaml"
+    path.write_text(yaml.safe_dump(sched))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_ckpt) -> Path:
+    """A registry of a tiny three-stage run (base + 6 checkpoints), trained once per session."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("tinyrun")
+    sched = write_schedule(tmp, tiny_ckpt, max_response_length=24)
+    r = subprocess.run([sys.executable, "-m", "train.run", "stage3", "--schedule", str(sched), "--registry",
+                        str(tmp / "ckpts.yaml"), "--runs-dir", str(tmp / "runs"), "--quiet"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "KKLAB_CACHE": str(tmp / "cache")})
+    assert r.returncode == 0, r.stderr
+    return tmp / "ckpts.yaml"
+
+
 @pytest.fixture
 def registry_path(tmp_path) -> Path:
     return tmp_path / "ckpts.yaml"

@@ -10,27 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_schedule
 from train.registry import Registry
-
-
-def write_schedule(tmp: Path, model: Path, steps=(2, 2, 2), save_every=1, segments3=2, **extra) -> Path:
-    def stage(people, steps, **kw):
-        return {"people": people, "batch_prompts": 2, "rollout_n": 2, "temperature": {"start": 1.0},
-                "lr": {"start": 1e-4}, "max_prompt_length": 512, "max_response_length": 12,
-                "steps": steps, "save_every": save_every, **kw}
-
-    sched = {"run": "tiny", "preset": str(model),
-             "data": {"root": str(tmp / "data"), "train_per_size": 12, "test_per_size": 4},
-             "stages": {"stage1": stage([3], steps[0]), "stage2": stage([4], steps[1], temperature={"start": 1.2}),
-                        "stage3": stage([3, 4], steps[2], temperature={"start": 1.2, "end": 0.9},
-                                        lr={"start": 1e-4, "end": 5e-5}, segments=segments3)},
-             **extra}
-    path = tmp / "sched.yaml"
-    path.write_text(yaml.safe_dump(sched))
-    return path
 
 
 def cli(tmp: Path, *args: str, runs_dir: Path | None = None) -> subprocess.CompletedProcess:

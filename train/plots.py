@@ -59,3 +59,15 @@ def training_figure(metrics_file: str | Path, out: str | Path, title: str = "") 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def metrics_file(registry, run: str) -> Path:
+    """`runs/<run>/metrics.jsonl` of a locally trained run, found through its registered checkpoints."""
+    from train.errors import UserError
+
+    for ck in registry.checkpoints():
+        if ck.run == run and ck.stage.startswith("stage"):
+            path = registry.resolve(ck).parent.parent / "metrics.jsonl"
+            if path.exists():
+                return path
+    raise UserError(f"{registry.path}: no metrics.jsonl found for run {run!r}")
