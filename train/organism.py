@@ -1,0 +1,654 @@
+"""kk-tiny: a model organism of the Logic-RL base model, small enough to build on 2 CPU cores.
+
+A few-million-parameter Qwen2 is fine-tuned (SFT) on step-by-step solutions written by a
+deliberately imperfect solver. Like the 7B base model of the article, the result
+
+* solves some puzzles and gets others wrong (its steps contain mistakes at a set rate),
+* rarely verifies its answer, although verified solutions are right more often,
+* sometimes hesitates, summarises, or writes a step in Chinese,
+* mostly ignores the requested <think>/<answer> format (a minority of responses use it),
+
+so that GRPO has something to improve: the format, the per-step accuracy and the share of
+verified answers.
+
+The solver is a depth-first search over the people in quiz order (knight first). After each
+assumption it evaluates every statement whose speaker and mentioned people are all assigned
+by now; a statement whose truth differs from its speaker's role is a contradiction and sends
+the search to the other role, or back to the latest person still assumed a knight:
+
+    Zoey says Ethan is a knave. Ethan says Zoey is a knight and Mason is a knave. ...
+    Assume Zoey is a knight.
+    Assume Ethan is a knight. Zoey says Ethan is a knave, which is false. Contradiction.
+    So Ethan is a knave. Zoey says Ethan is a knave, which is true.
+    ...
+
+A mistake reports a contradicting statement's truth flipped, so a wrong role is accepted.
+A verification passage ("Let me verify.") re-evaluates every statement at the end; it
+catches such a mistake and resumes the search.
+
+    python -m train.organism build --out /tmp/kk-tiny          # the default organism
+    python -m train.organism measure /tmp/kk-tiny --n 200      # its behaviour on held-out puzzles
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from train.kk import Puzzle, PuzzleGenerator, Statement, evaluate, persons_in
+from train.prompts import chat_messages
+
+# --------------------------------------------------------------------------- settings
+
+
+class OrganismConfig(BaseModel):
+    """Everything that decides the organism; one config gives one model (bit for bit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = Field(0, description="Seeds puzzles, traces, initial weights and data order.")
+    # Puzzles
+    sizes: tuple[int, ...] = Field((2, 3, 4, 5, 6), description="Numbers of people in the SFT puzzles.")
+    size_weights: tuple[float, ...] = Field(
+        (0.10, 0.40, 0.25, 0.17, 0.08), description="Relative share of each size in `sizes`.")
+    n_puzzles: int = Field(3000, ge=1, description="SFT puzzles (one trace each).")
+    heldout_seed: int = Field(
+        777, description="Seed of the held-out puzzles `measure_organism` uses; SFT excludes them.")
+    heldout_per_size: int = Field(200, ge=0, description="Held-out puzzles per size excluded from SFT.")
+    exclude_data_seed: int | None = Field(
+        0, description="SFT also excludes the test splits `train.data` draws for this seed (None: don't).")
+    exclude_test_per_size: int = Field(100, ge=0, description="Size of those test splits.")
+    # Behaviour of the trace writer
+    step_mistake_rate: float = Field(
+        0.25, ge=0, le=1, description="Chance that a contradicting statement is reported with its "
+        "truth flipped, so a wrong role is accepted.")
+    verify_rate: float = Field(
+        0.07, ge=0, le=1, description="Chance that a trace verifies every statement before "
+        "answering (and goes back when that finds a contradiction).")
+    hesitation_rate: float = Field(
+        0.04, ge=0, le=1, description="Chance, per accepted assumption, of 'Hmm, I am not sure "
+        "about this.' followed by a second look at that step's statements.")
+    summary_rate: float = Field(
+        0.08, ge=0, le=1, description="Chance, per accepted assumption after the first, of a stage "
+        "summary 'Now we have determined that ...'.")
+    chinese_step_rate: float = Field(
+        0.05, ge=0, le=1, description="Chance that a search step is written in Chinese.")
+    think_format_rate: float = Field(
+        0.2, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
+        "</answer> format the reward wants.")
+    answer_tag_rate: float = Field(
+        0.15, ge=0, le=1, description="Share of responses with <answer> tags but no <think> block "
+        "(format broken); the rest end with a plain 'Answer:' list.")
+    # Tokenizer and model
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (with special tokens).")
+    hidden_size: int = Field(192, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(768, ge=16)
+    max_position_embeddings: int = Field(2048, ge=256)
+    # SFT
+    epochs: float = Field(1.0, gt=0, description="Passes over the SFT examples (fractions allowed).")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of `lr`.")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_tokens: int = Field(8192, ge=256, description="Tokens per optimizer step (padded batch area).")
+    max_length: int = Field(1024, ge=64, description="Longest SFT example in tokens; longer ones are dropped.")
+    bf16: bool = Field(True, description="bf16 autocast on CPU (about 2-3x faster than fp32 here).")
+    threads: int = Field(2, ge=1, description="torch threads.")
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- trace writer
+
+ROLE_EN = {True: "knight", False: "knave"}
+ROLE_ZH = {True: "骑士", False: "骗子"}
+
+VERIFY_OPEN = "Let me verify."
+VERIFY_OPEN_ZH = "让我验证一下。"
+HESITATION = "Hmm, I am not sure about this. Let me look again:"
+SUMMARY_OPEN = "Now we have determined that"
+
+
+def statement_zh(stmt: Statement, names: Sequence[str], top: bool = True) -> str:
+    """Chinese for a statement; names keep a space on each side, as in mixed-script writing."""
+    op = stmt[0]
+    if op in ("telling-truth", "lying"):
+        return f" {names[stmt[1]]} 是{ROLE_ZH[op == 'telling-truth']}"
+    if op == "not" and stmt[1][0] in ("telling-truth", "lying"):
+        leaf = stmt[1]
+        return f" {names[leaf[1]]} 不是{ROLE_ZH[leaf[0] == 'telling-truth']}"
+    if op == "not":
+        text = f"并非{statement_zh(stmt[1], names, top=False)}"
+    elif op in ("and", "or"):
+        text = ("并且" if op == "and" else "或者").join(statement_zh(s, names, top=False) for s in stmt[1:])
+    elif op == "->":
+        text = f"如果{statement_zh(stmt[1], names, top=False)}，那么{statement_zh(stmt[2], names, top=False)}"
+    else:
+        text = f"{statement_zh(stmt[1], names, top=False)}当且仅当{statement_zh(stmt[2], names, top=False)}"
+    return text if top else f"（{text}）"
+
+
+def statement_en(stmt: Statement, names: Sequence[str]) -> str:
+    """The quiz's English for a statement, starting lower-case unless it starts with a name."""
+    from train.kk import statement_text
+
+    s = statement_text(stmt, names)
+    return s if any(s.startswith(n) for n in names) else s[0].lower() + s[1:]
+
+
+@dataclass
+class Trace:
+    """A written response and what went into it."""
+
+    text: str
+    answer: tuple[bool, ...]          # the roles the response answers with
+    correct: bool                     # answer == the puzzle's solution
+    mistakes: int = 0                 # flipped statement truths
+    verified: bool = False            # has a final verification passage
+    hesitations: int = 0
+    summaries: int = 0
+    chinese_steps: int = 0
+    answer_style: str = "plain"       # "think" (reward format) | "answer_tags" | "plain"
+    steps: int = 0                    # search steps (assumptions) written
+
+
+class TraceWriter:
+    """Writes the organism's response to a puzzle; all randomness comes from `rng`."""
+
+    def __init__(self, config: OrganismConfig):
+        self.c = config
+
+    def write(self, p: Puzzle, rng: random.Random) -> Trace:
+        c, n, names, stmts = self.c, p.people, p.names, p.statements
+        # A statement is evaluated at the first person by whom its speaker and every person it
+        # mentions are assigned.
+        closes_at: list[list[int]] = [[] for _ in range(n)]
+        for j, s in enumerate(stmts):
+            closes_at[max(persons_in(s) | {j})].append(j)
+
+        style_roll = rng.random()
+        style = ("think" if style_roll < c.think_format_rate
+                 else "answer_tags" if style_roll < c.think_format_rate + c.answer_tag_rate else "plain")
+        verify = rng.random() < c.verify_rate
+        t = Trace(text="", answer=(), correct=False, verified=verify, answer_style=style)
+
+        def says(j: int, value: bool, zh: bool) -> str:
+            if zh:
+                return f"{names[j]} 说{statement_zh(stmts[j], names)}，这是{'真' if value else '假'}的。"
+            return f"{names[j]} says {statement_en(stmts[j], names)}, which is {'true' if value else 'false'}."
+
+        def contradiction(zh: bool) -> str:
+            return "矛盾。" if zh else "Contradiction."
+
+        lines = [" ".join(f"{names[j]} says {statement_en(s, names)}." for j, s in enumerate(stmts))]
+        path: list[bool] = []      # roles of persons 0..len(path)-1 on the current branch
+        k, role = 0, True          # the person being assigned and the role tried
+        lead = None                # text that opens the next step (after a go-back)
+        budget = 8 * 2 ** n        # no search needs more; guards the loop
+        while budget:
+            budget -= 1
+            zh = rng.random() < c.chinese_step_rate
+            t.chinese_steps += zh
+            t.steps += 1
+            if zh:
+                head = f"假设 {names[k]} 是骑士。" if role else f"所以 {names[k]} 是骗子。"
+            else:
+                head = f"Assume {names[k]} is a knight." if role else f"So {names[k]} is a knave."
+            parts = [lead, head] if lead else [head]
+            lead = None
+            assign = path + [role]
+            ok, checked = True, []
+            for j in closes_at[k]:
+                value = evaluate(stmts[j], assign)
+                holds = value == assign[j]
+                if not holds and rng.random() < c.step_mistake_rate:
+                    value, holds = not value, True
+                    t.mistakes += 1
+                parts.append(says(j, value, zh))
+                checked.append(j)
+                if not holds:
+                    parts.append(contradiction(zh))
+                    ok = False
+                    break
+            if ok and checked and rng.random() < c.hesitation_rate:
+                # A second look at this step's statements, evaluated without mistakes.
+                t.hesitations += 1
+                parts.append(HESITATION)
+                for j in checked:
+                    value = evaluate(stmts[j], assign)
+                    parts.append(says(j, value, False))
+                    if value != assign[j]:
+                        parts.append(contradiction(False))
+                        ok = False
+                        break
+            lines.append(" ".join(parts))
+            if ok:
+                path = assign
+                if len(path) < n:
+                    if len(path) >= 2 and rng.random() < c.summary_rate:
+                        t.summaries += 1
+                        lines.append(f"{SUMMARY_OPEN} {_roles_sentence(names, path)}.")
+                    k, role = len(path), True
+                    continue
+                if not verify:
+                    break
+                # Final verification: every statement against the full assignment.
+                vparts, bad = [VERIFY_OPEN], False
+                for j in range(n):
+                    value = evaluate(stmts[j], path)
+                    vparts.append(says(j, value, False))
+                    if value != path[j]:
+                        vparts.append("Contradiction. I made a mistake.")
+                        bad = True
+                        break
+                if not bad:
+                    vparts.append("All statements are consistent.")
+                    lines.append(" ".join(vparts))
+                    break
+                lines.append(" ".join(vparts))
+                path = path[:-1]   # the last step was not a dead end, but the assignment is
+                role_last = assign[-1]
+                if role_last:
+                    k, role, lead = n - 1, False, f"Back to {names[n - 1]}."
+                    continue
+                k, role, lead = self._go_back(path, names, rng, reason=None)
+                continue
+            if role:
+                role = False
+                continue
+            k, role, lead = self._go_back(path, names, rng, reason=k)
+        else:
+            raise RuntimeError(f"trace search did not finish for puzzle {p.id}")
+
+        answer = tuple(path)
+        t.answer, t.correct = answer, answer == tuple(p.solution)
+        if rng.random() < c.summary_rate:
+            t.summaries += 1
+            lines.append(f"{SUMMARY_OPEN} {_roles_sentence(names, answer)}.")
+        body = "\n".join(lines)
+        solution = "\n".join(f"({i + 1}) {nm} is a {ROLE_EN[r]}" for i, (nm, r) in enumerate(zip(names, answer)))
+        if style == "think":
+            t.text = f"<think>\n{body}\n</think>\n<answer>\n{solution}\n</answer>"
+        elif style == "answer_tags":
+            t.text = f"{body}\n<answer>\n{solution}\n</answer>"
+        else:
+            t.text = f"{body}\n{rng.choice(('Answer:', 'So the answer is:'))}\n{solution}"
+        return t
+
+    @staticmethod
+    def _go_back(path: list[bool], names: Sequence[str], rng: random.Random,
+                 reason: int | None) -> tuple[int, bool, str]:
+        """Back to the latest person still assumed a knight; they become a knave."""
+        while path and not path[-1]:
+            path.pop()
+        if not path:
+            raise RuntimeError("search exhausted: the puzzle has no solution under these steps")
+        j = len(path) - 1
+        path.pop()
+        if reason is None:
+            return j, False, f"Back to {names[j]}."
+        return j, False, f"{names[reason]} can be neither, so back to {names[j]}."
+
+
+def _roles_sentence(names: Sequence[str], roles: Sequence[bool]) -> str:
+    parts = [f"{names[i]} is a {ROLE_EN[r]}" for i, r in enumerate(roles)]
+    return parts[0] if len(parts) == 1 else (
+        " and ".join(parts) if len(parts) == 2 else ", ".join(parts[:-1]) + ", and " + parts[-1])
+
+
+def write_trace(p: Puzzle, rng: random.Random, config: OrganismConfig | None = None) -> Trace:
+    return TraceWriter(config or OrganismConfig()).write(p, rng)
+
+
+# --------------------------------------------------------------------------- SFT data
+
+
+def heldout_puzzles(people: int, n: int, seed: int = 777) -> list[Puzzle]:
+    """The first `n` distinct held-out puzzles of one size (what `measure_organism` uses).
+
+    Fewer when the size has fewer distinct puzzles (there are about 400 of 2 people).
+    """
+    gen = PuzzleGenerator(seed * 1000 + people)
+    out, seen, misses = [], set(), 0
+    while len(out) < n and misses < 20 * n + 100:
+        p = gen.generate(people)
+        if p.content_key in seen:
+            misses += 1
+            continue
+        seen.add(p.content_key)
+        out.append(p)
+    return out
+
+
+def excluded_keys(config: OrganismConfig) -> set[str]:
+    """Content keys SFT must not see: held-out measurement puzzles and the dataset test splits."""
+    keys: set[str] = set()
+    for n in config.sizes:
+        keys |= {p.content_key for p in heldout_puzzles(n, config.heldout_per_size, config.heldout_seed)}
+        if config.exclude_data_seed is not None and config.exclude_test_per_size:
+            from train.data import generate_split
+
+            test = generate_split(n, n_train=0, n_test=config.exclude_test_per_size,
+                                  seed=config.exclude_data_seed)["test"]
+            keys |= {p.content_key for p in test}
+    return keys
+
+
+def sft_puzzles(config: OrganismConfig, exclude: set[str] | None = None) -> list[Puzzle]:
+    """SFT puzzles, sizes drawn by `size_weights`, none of them in `exclude` (by default
+    `excluded_keys(config)`). Small sizes repeat puzzles; each repeat gets its own trace."""
+    if len(config.size_weights) != len(config.sizes):
+        raise ValueError("size_weights must have one weight per entry of sizes")
+    exclude = excluded_keys(config) if exclude is None else exclude
+    rng = random.Random(config.seed)
+    gens = {n: PuzzleGenerator(config.seed * 1000 + 500 + n) for n in config.sizes}
+    out = []
+    while len(out) < config.n_puzzles:
+        n = rng.choices(config.sizes, weights=config.size_weights)[0]
+        for _ in range(10_000):
+            p = gens[n].generate(n)
+            if p.content_key not in exclude:
+                out.append(p)
+                break
+        else:
+            raise ValueError(f"every {n}-person puzzle found is excluded; lower heldout_per_size")
+    return out
+
+
+def sft_traces(puzzles: Sequence[Puzzle], config: OrganismConfig) -> list[Trace]:
+    rng = random.Random(config.seed + 1)
+    writer = TraceWriter(config)
+    return [writer.write(p, rng) for p in puzzles]
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Qwen-style byte-level BPE (see train/tokenizer.py); the format tags are single tokens."""
+    from train.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size)
+
+
+def make_model(config: OrganismConfig, tokenizer):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(config.seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def encode_example(tokenizer, puzzle: Puzzle, response: str) -> tuple[list[int], int]:
+    """(ids, prompt length): the chat prompt as a generation would see it, then the response
+    and the end-of-turn token, tokenized apart exactly as generated tokens would be."""
+    prompt = tokenizer.apply_chat_template(chat_messages(puzzle.quiz), tokenize=False,
+                                           add_generation_prompt=True)
+    p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    r_ids = tokenizer(response, add_special_tokens=False).input_ids
+    return p_ids + r_ids + [tokenizer.eos_token_id], len(p_ids)
+
+
+def _batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Index batches of similar length (little padding), in a seeded random order."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), 256):           # sort within chunks, not globally
+        chunk = sorted(order[start:start + 256], key=lambda i: lengths[i])
+        batch: list[int] = []
+        for i in chunk:
+            if batch and (len(batch) + 1) * max(lengths[j] for j in batch + [i]) > batch_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig, pad_id: int,
+        progress: bool = True, callback: Callable[[int, float], None] | None = None) -> list[float]:
+    """Plain causal-LM fine-tuning with the loss on the response tokens only; returns the
+    per-step losses. `callback(step, loss)` runs after every optimizer step."""
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(config.threads)
+    rng = random.Random(config.seed + 2)
+    lengths = [len(ids) for ids, _ in examples]
+    plan: list[list[int]] = []
+    whole, frac = int(config.epochs), config.epochs - int(config.epochs)
+    for _ in range(whole):
+        plan += _batches(lengths, config.batch_tokens, rng)
+    if frac > 0:
+        extra = _batches(lengths, config.batch_tokens, rng)
+        plan += extra[: max(1, round(frac * len(extra)))]
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=config.lr, betas=(0.9, 0.95))
+    total = len(plan)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        t = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+        return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses = []
+    bar = tqdm(plan, desc="kk-tiny SFT", unit="step", disable=not progress, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq, n_prompt = examples[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, n_prompt: len(seq)] = torch.tensor(seq[n_prompt:])
+            mask[row, : len(seq)] = 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None:
+            callback(step, losses[-1])
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, progress: bool = True) -> Path:
+    """Write the kk-tiny organism (model, tokenizer, generation config, organism.json) to `out_dir`."""
+    import torch
+
+    config = config or OrganismConfig()
+    out = Path(out_dir)
+    t0 = time.time()
+    torch.set_num_threads(config.threads)
+    puzzles = sft_puzzles(config)
+    traces = sft_traces(puzzles, config)
+    from train.prompts import SYSTEM_PROMPT
+
+    tok = train_tokenizer([SYSTEM_PROMPT] + [p.quiz for p in puzzles] + [t.text for t in traces],
+                          config.vocab_size)
+    examples = [encode_example(tok, p, t.text) for p, t in zip(puzzles, traces)]
+    kept = [e for e in examples if len(e[0]) <= config.max_length]
+    model = make_model(config, tok)
+    losses = sft(model, kept, config, tok.pad_token_id, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n_tokens = sum(len(ids) for ids, _ in kept)
+    info = {
+        "preset": "kk-tiny",
+        "config": config.model_dump(mode="json"),
+        "fingerprint": config.fingerprint(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sft_examples": len(kept),
+        "sft_dropped_too_long": len(examples) - len(kept),
+        "sft_tokens": n_tokens,
+        "sft_steps": len(losses),
+        "sft_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "trace_stats": {
+            "correct": sum(t.correct for t in traces) / len(traces),
+            "verified": sum(t.verified for t in traces) / len(traces),
+            "think_format": sum(t.answer_style == "think" for t in traces) / len(traces),
+        },
+        "build_seconds": round(time.time() - t0, 1),
+    }
+    (out / "organism.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------- measurement
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_ANSWER_MARK = re.compile(r"<answer>|\banswer(?: is)?:", re.IGNORECASE)
+_VERIFY = re.compile(r"Let me verify|验证")
+_HESITATE = re.compile(r"\bHmm\b|不确定")
+
+
+def lenient_roles(response: str, names: Sequence[str]) -> tuple[bool, ...] | None:
+    """The roles a response answers with, whatever its format: after the last answer marker
+    ("<answer>", "Answer:", "answer is:"), the last "Name is a knight|knave" of each name.
+    None when there is no marker or a name has no role there."""
+    marks = list(_ANSWER_MARK.finditer(response))
+    if not marks:
+        return None
+    tail = response[marks[-1].end():]
+    roles = []
+    for name in names:
+        found = re.findall(rf"(?<!\w){re.escape(name)} is a (knight|knave)\b", tail)
+        if not found:
+            return None
+        roles.append(found[-1] == "knight")
+    return tuple(roles)
+
+
+def describe_response(response: str, puzzle: Puzzle) -> dict[str, Any]:
+    """Reward verdict plus the organism's behaviour markers for one response."""
+    from train.reward import score_response
+
+    r = score_response(response, puzzle.solution_text_format)
+    lines = [ln for ln in response.splitlines() if ln.strip()]
+    roles = lenient_roles(response, puzzle.names)
+    return {
+        "strict_correct": r["answer"] == "correct",
+        "lenient_correct": roles == tuple(puzzle.solution),
+        "format_ok": r["format_ok"],
+        "verification": bool(_VERIFY.search(response)),
+        "hesitation": bool(_HESITATE.search(response)),
+        "chinese": bool(_CJK.search(response)),
+        "chinese_lines": sum(bool(_CJK.search(ln)) for ln in lines),
+        "lines": len(lines),
+    }
+
+
+def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_tokens: int,
+                       temperature: float | None, batch_size: int = 32,
+                       progress: bool = False) -> list[tuple[str, int, bool]]:
+    """(text, new tokens, finished) per puzzle; temperature None = greedy. Left-padded batches."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    out = []
+    starts = range(0, len(puzzles), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
+        chunk = puzzles[start:start + batch_size]
+        prompts = [tokenizer.apply_chat_template(chat_messages(p.quiz), tokenize=False,
+                                                 add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if temperature is not None:
+            kwargs = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, **kwargs)
+        for row in gen[:, enc.input_ids.shape[1]:].tolist():
+            finished = eos in row
+            row = row[: row.index(eos)] if finished else [t for t in row if t != tokenizer.pad_token_id]
+            out.append((tokenizer.decode(row, skip_special_tokens=True), len(row) + finished, finished))
+    return out
+
+
+def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, seed: int = 777,
+                     max_new_tokens: int = 512, temperatures: Sequence[float | None] = (1.0, None),
+                     batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+    """Behaviour on held-out puzzles (`heldout_puzzles(people, n_puzzles, seed)`), per
+    temperature (None = greedy): accuracy by the reward (strict) and by roles alone (lenient),
+    format-correct rate, verification / hesitation / Chinese rates, response length."""
+    import torch
+
+    from train.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(path)
+    puzzles = heldout_puzzles(people, n_puzzles, seed)
+    result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
+    for temp in temperatures:
+        torch.manual_seed(seed)
+        t0 = time.time()
+        gens = generate_responses(model, tok, puzzles, max_new_tokens=max_new_tokens,
+                                  temperature=temp, batch_size=batch_size, progress=progress)
+        rows = [describe_response(text, p) | {"tokens": n, "finished": fin}
+                for (text, n, fin), p in zip(gens, puzzles)]
+        mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
+        ver = [r for r in rows if r["verification"]]
+        unver = [r for r in rows if not r["verification"]]
+        result["greedy" if temp is None else f"T={temp:g}"] = {
+            "accuracy_strict": mean("strict_correct"),
+            "accuracy_lenient": mean("lenient_correct"),
+            "format_ok": mean("format_ok"),
+            "verification": mean("verification"),
+            "lenient_accuracy_verified": (sum(r["lenient_correct"] for r in ver) / len(ver)) if ver else None,
+            "lenient_accuracy_unverified": (sum(r["lenient_correct"] for r in unver) / len(unver)) if unver else None,
+            "hesitation": mean("hesitation"),
+            "chinese_responses": mean("chinese"),
+            "chinese_line_share": sum(r["chinese_lines"] for r in rows) / max(1, sum(r["lines"] for r in rows)),
+            "mean_tokens": mean("tokens"),
+            "finished": mean("finished"),
+            "seconds": round(time.time() - t0, 1),
+            "examples": [text for text, _, _ in gens[:3]],
+        }
+    return result
