@@ -51,7 +51,7 @@ def test_dry_run_prints_every_segment_and_touches_nothing(tmp_path, tiny_ckpt):
 
 def test_three_stages_end_to_end_then_skip(tmp_path, tiny_ckpt):
     sched = write_schedule(tmp_path, tiny_ckpt)
-    r = cli(tmp_path, "stage3", "--schedule", str(sched))
+    r = cli(tmp_path, "stage3", "--schedule", str(sched), "--set", "stages.stage1.eval_every=2")
     assert r.returncode == 0, r.stderr
     cks = assert_registry_sound(tmp_path)
     by_stage = {s: [c for c in cks if c.stage == s] for s in ("base", "stage1", "stage2", "stage3")}
@@ -66,15 +66,19 @@ def test_three_stages_end_to_end_then_skip(tmp_path, tiny_ckpt):
         assert c.config_hash and c.preset == str(tiny_ckpt) and c.timestamp
     lines = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
+    # Periodic validation (stage 1, every 2 steps) is logged and registered with the checkpoint.
+    assert 0.0 <= by_stage["stage1"][-1].metrics["val_accuracy"] <= 1.0
+    assert "val_accuracy" not in by_stage["stage1"][0].metrics
     for stage in ("stage1", "stage2", "stage3"):
         assert (tmp_path / "runs" / "tiny" / "figures" / f"training-{stage}.png").stat().st_size > 10_000
     # Everything is complete: a rerun trains nothing and changes nothing.
     before = (tmp_path / "ckpts.yaml").read_text()
-    r = cli(tmp_path, "all", "--schedule", str(sched))
+    r = cli(tmp_path, "all", "--schedule", str(sched), "--set", "stages.stage1.eval_every=2")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ckpts.yaml").read_text() == before
     # A changed schedule is refused for the same run, and nothing is overwritten.
-    r = cli(tmp_path, "stage3", "--schedule", str(sched), "--set", "stages.stage1.lr.start=0.5")
+    r = cli(tmp_path, "stage3", "--schedule", str(sched), "--set", "stages.stage1.eval_every=2",
+            "--set", "stages.stage1.lr.start=0.5")
     assert r.returncode == 2 and "another schedule" in r.stderr
     assert (tmp_path / "ckpts.yaml").read_text() == before
 

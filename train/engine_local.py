@@ -160,6 +160,7 @@ def run_segment(job: SegmentJob) -> str:
     )
     metrics_file = job.run_dir / "metrics.jsonl"
     last = {"id": job.parent_id}
+    validate = _validator(sched, seg, tokenizer) if seg.eval_every else None
 
     class Recorder(TrainerCallback):
         def on_log(self, args, state, control, logs=None, model=None, **kw):
@@ -169,6 +170,8 @@ def run_segment(job: SegmentJob) -> str:
             step = seg.start_step + local
             m = {ours: logs[k] for k, ours in METRIC_KEYS.items() if k in logs and logs[k] is not None}
             m["temperature"] = seg.temperature
+            if validate is not None and (local % seg.eval_every == 0 or local == seg.steps):
+                m.update(validate(model))
             record = {"global_step": step, "stage": seg.stage, "segment": seg.index, **m,
                       "time": time.time()}
             with open(metrics_file, "a", encoding="utf-8") as fh:
@@ -194,6 +197,25 @@ def run_segment(job: SegmentJob) -> str:
     trainer.train()
     del trainer, model
     return last["id"]
+
+
+def _validator(sched: Schedule, seg: Segment, tokenizer, n_per_size: int = 16):
+    """Periodic validation: greedy accuracy on held-out puzzles of the segment's sizes, scored
+    by the training reward (the same evaluation `python -m analysis eval` runs)."""
+    from analysis.evaluate import heldout_puzzles, make_config, evaluate_model, training_keys
+
+    config = make_config(people=seg.people, n_per_size=n_per_size, mode="greedy",
+                         max_new_tokens=seg.max_response_length, prompt_style=sched.data.prompt_style)
+    puzzles = heldout_puzzles(seg.people, n_per_size, exclude=training_keys(sched.data.root))
+
+    def run(model) -> dict:
+        was_training = model.training
+        model.eval()
+        s = evaluate_model(model, tokenizer, puzzles, config).summary
+        model.train(was_training)
+        return {"val_accuracy": s["accuracy"], "val_format_error": s["format_error_rate"]}
+
+    return run
 
 
 def _r(v: float) -> float:
