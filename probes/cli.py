@@ -1,0 +1,138 @@
+"""`python -m probes`: linear probes on hidden states across checkpoints.
+
+    python -m probes run --run kk-tiny
+    python -m probes run --run kk-tiny --stage stage2 --every 2 --targets answer_correct,next_verification
+    python -m probes run --ids kk-tiny/base --per-size 20 --out reports/probes
+
+Writes to --out: summary.md, results.json, figures/ (layer x checkpoint heatmaps of AUROC and
+selectivity, transfer matrices, direction cosines) and probes/<checkpoint>/<target>/layer-XX.*
+(loadable with `probes.fit.load_probe`). Per-checkpoint work (generations, features, probe
+fits) is cached under --cache and shared with `python -m analysis report`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from analysis.cache import DEFAULT_ROOT
+from analysis.evaluate import EVAL_SEED
+from train.cli import err_console, run_app
+
+app = typer.Typer(help="Linear probes on hidden states across checkpoints.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _main() -> None:
+    """Linear probes on hidden states across checkpoints."""
+
+
+@app.command("run")
+def run_command(
+    registry: Path = typer.Option(Path("ckpts.yaml"), help="checkpoint registry"),
+    run: Optional[str] = typer.Option(None, help="only this run"),
+    stage: Optional[str] = typer.Option(None, help="only these stages (comma list)"),
+    steps: Optional[str] = typer.Option(None, help='global step range "lo-hi" (either end open)'),
+    every: int = typer.Option(1, min=1, help="every k-th selected checkpoint (the last always)"),
+    ids: Optional[str] = typer.Option(None, help="checkpoint ids, comma-separated (overrides the filters)"),
+    targets: list[str] = typer.Option([], help="probe targets, comma-separated or repeated (default: all)"),
+    out: Path = typer.Option(Path("reports/probes"), help="output folder"),
+    cache: Path = typer.Option(DEFAULT_ROOT, help="result cache folder"),
+    per_size: int = typer.Option(8, min=1, help="probe puzzles per size"),
+    sizes: str = typer.Option("3-7", help="probe puzzle sizes: 3-7 or 3,5,7"),
+    probe_seed: int = typer.Option(EVAL_SEED, help="probe set seed (evaluation's held-out seed by default)"),
+    max_new_tokens: int = typer.Option(512, min=1, help="response length limit of probe generations"),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, min=0),
+    prompt_style: str = typer.Option("chat", help="chat, or raw (pre-filled <think>)"),
+    batch_size: int = typer.Option(8, min=1, help="generation batch size"),
+    max_points: int = typer.Option(48, min=1, help="decision points per response"),
+    max_tokens: int = typer.Option(4096, min=8, help="longest prompt + response read"),
+    folds: int = typer.Option(5, min=2, help="outer cross-validation folds (of puzzles)"),
+    permutations: int = typer.Option(100, min=0, help="permutations for the p-value at the best layer"),
+    cs: Optional[str] = typer.Option(None, "--cs", help="C grid searched by the inner cross-validation, "
+                                     "comma-separated (default 1e-4,...,10)"),
+    seed: int = typer.Option(0, help="seed of folds, control task and permutations"),
+    layer: Optional[int] = typer.Option(None, min=0, help="layer of transfer and cosine matrices "
+                                        "(default: best mean AUROC per target)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16"),
+) -> None:
+    """Probe every layer of the selected checkpoints and compare them. A checkpoint that cannot
+    be analysed is reported in one line and skipped (exit code 1 at the end)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
+
+    from analysis.cache import ResultCache, weights_fingerprint
+    from analysis.harness import (GenerationConfig, HarnessConfig, HarnessError, ProbeConfig, analyse_checkpoints,
+                                  probe_puzzles, select_checkpoints)
+    from probes.compare import ComparisonEntry, write_comparison
+    from probes.features import features_params, load_features
+    from probes.fit import puzzle_fold_map
+    from probes.plugin import ProbesAnalysis
+    from probes.targets import TARGETS
+    from train.data import parse_people
+    from train.registry import Registry
+
+    reg = Registry(registry)
+    if not reg.path.exists():
+        raise HarnessError(f"registry {reg.path} does not exist")
+    checkpoints = select_checkpoints(reg, run=run, stage=stage, steps=steps, every=every, ids=ids)
+    chosen = [t for item in targets for t in item.split(",")] or list(TARGETS)
+    analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,
+                              n_permutations=permutations, seed=seed, Cs=cs)
+    config = HarnessConfig(
+        probe=ProbeConfig(sizes=tuple(parse_people(sizes)), per_size=per_size, seed=probe_seed),
+        generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, prompt_style=prompt_style, batch_size=batch_size),
+        device=device, dtype=dtype)
+    results_cache = ResultCache(cache)
+
+    hf_logging.disable_progress_bar()  # transformers' own bars would garble the rich display
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        def note(o) -> None:
+            if o.error:
+                bar.console.print(f"[bold red]error:[/] {o.error}")
+            else:
+                bar.console.print(f"{o.checkpoint.id}: {'probed' if o.computed else 'cached'}")
+
+        outcomes = analyse_checkpoints(reg, checkpoints, [analysis], cache=results_cache, config=config,
+                                       progress=bar, on_outcome=note)
+        entries = []
+        for o in outcomes:
+            if o.error:
+                continue
+            result = o.results[analysis.name]
+            params = features_params(weights_fingerprint(reg.resolve(o.checkpoint)), config,
+                                     max_points=max_points, max_tokens=max_tokens)
+            fs = load_features(results_cache, o.checkpoint.id, params)
+            if fs is None:
+                bar.console.print(f"[bold red]error:[/] {o.checkpoint.id}: cached features are missing; rerun")
+                continue
+            probe_dir = results_cache.root / result["probe_dir"] if result.get("probe_dir") else None
+            entries.append(ComparisonEntry(checkpoint=o.checkpoint.id, step=o.checkpoint.global_step,
+                                           result=result, features=fs, probe_dir=probe_dir))
+        puzzles = probe_puzzles(config.probe)
+        fold_map = puzzle_fold_map([p.id for p in puzzles], [p.people for p in puzzles], folds, seed)
+        task = bar.add_task("comparing", total=None)
+        files = write_comparison(entries, out, targets=analysis.targets, fold_map=fold_map, config=analysis.fit,
+                                 layer=layer, header=f"Probe set: sizes {sizes}, {per_size} per size (seed {probe_seed}); "
+                                 f"{'greedy' if temperature == 0 else f'T={temperature}'} generations of up to "
+                                 f"{max_new_tokens} tokens.",
+                                 progress=lambda d: bar.update(task, description=d))
+        bar.remove_task(task)
+    failed = len(outcomes) - len(entries)
+    err_console.print(f"{len(entries)} probed, {failed} failed; wrote {files.summary}, {files.results}, "
+                      f"{len(files.figures)} figures and the probes of {len(files.probes)} checkpoints")
+    if failed:
+        sys.exit(1)  # SystemExit passes through click's standalone_mode=False untouched
+
+
+def main() -> None:
+    run_app(app)
