@@ -17,7 +17,7 @@ Two backends:
   depend on the batch size, the order of the prompts or which other prompts were asked.
 * ``vllm``: used only when `vllm` is importable and CUDA is available (or when asked for).
   It is written against vLLM's documented ``LLM.generate`` / ``SamplingParams`` API and
-  cannot be exercised on the CPU machines this project is developed on.
+  is not exercised by the CPU test suite.
 """
 
 from __future__ import annotations
