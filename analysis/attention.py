@@ -532,17 +532,12 @@ class AttentionAnalysis(Analysis):
                 "share": share, "base": base, "mass": mass}
 
     def run(self, ctx: AnalysisContext) -> dict:
-        from analysis.generate import render_prompts
-
         lm = ctx.require_model()
         layout = attention_layout(ctx.hf_model)
-        by_id = {p.id: p for p in ctx.probe}
         records = ctx.generations[:self.max_traces]
         task = ctx.progress.add_task("attention", total=len(records)) if ctx.progress else None
         per_trace, example, n_steps, n_tokens = [], None, [], []
-        for rec in records:
-            p = by_id[rec["puzzle_id"]]
-            prompt = render_prompts(ctx.tokenizer, [p], rec.get("prompt_style", ctx.config.generation.prompt_style))[0]
+        for rec, p, prompt in ctx.prompted_generations(records):
             trace = encode_trace(ctx.tokenizer, prompt, rec["text"], max_tokens=self.max_tokens)
             if len(trace.bounds) >= self.min_steps:
                 pairs = verification_targets(rec["text"], trace.steps, p.names)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import analysis.generate as gen
 from analysis.cache import DEFAULT_ROOT, ResultCache, atomic_write_text, weights_fingerprint
+from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, parse_steps, split_ids, with_option_groups
 from train.data import dataset_paths, generate_split, parse_people, read_puzzles, write_parquet
 from train.errors import UserError
 from train.kk import MAX_PEOPLE, MIN_PEOPLE, Puzzle, content_key, parse_statements
@@ -504,25 +505,9 @@ def comparison_figure(df, path: str | Path, max_lines: int = 8) -> Path:
 
 # --------------------------------------------------------------------------- command
 
-def _parse_steps(spec: str | None) -> tuple[int | None, int | None]:
-    if not spec:
-        return None, None
-    try:
-        if "-" not in spec:
-            return int(spec), int(spec)
-        lo, hi = spec.split("-", 1)
-        return (int(lo) if lo.strip() else None), (int(hi) if hi.strip() else None)
-    except ValueError:
-        raise EvalError(f"bad --steps {spec!r}: use lo-hi, lo-, -hi or a single step") from None
-
-
+@with_option_groups
 def eval_command(
-    registry: Path = typer.Option(Path("ckpts.yaml"), help="checkpoint registry"),
-    run: Optional[str] = typer.Option(None, help="only this run"),
-    stage: Optional[str] = typer.Option(None, help="only these stages (comma list)"),
-    steps: Optional[str] = typer.Option(None, help='global step range "lo-hi" (either end open)'),
-    every: int = typer.Option(1, min=1, help="every k-th selected checkpoint (the last always)"),
-    ids: Optional[str] = typer.Option(None, help="checkpoint ids, comma-separated (overrides the filters)"),
+    selection: CheckpointSelection = SELECTION_OPTIONS,
     people: str = typer.Option("2-8", help="puzzle sizes: 3, 2-8 or 3,5,7"),
     n_per_size: int = typer.Option(100, min=1, help="puzzles per size"),
     mode: str = typer.Option("greedy", help="greedy, or sampled (T=1.0 as the reference)"),
@@ -550,9 +535,10 @@ def eval_command(
                          k=k, temperature=temperature, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, prompt_style=prompt_style, external=external,
                          train_data=train_data, backend=backend)
-    reg = Registry(registry)
-    id_list = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
-    checkpoints = reg.select(run=run, stage=stage, steps=_parse_steps(steps), every=every, ids=id_list)
+    reg = Registry(selection.registry)
+    checkpoints = reg.select(run=selection.run, stage=selection.stage, every=selection.every,
+                             steps=parse_steps(selection.steps, error=EvalError, name="--steps"),
+                             ids=split_ids(selection.ids))
     puzzles = eval_puzzles(config)
     missing = sorted(set(config.people) - {p.people for p in puzzles})
     if missing:

@@ -23,6 +23,7 @@ with `--plugin`. It supplies `run(ctx) -> dict` (JSON-able), and for reports
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib
@@ -30,10 +31,14 @@ import json
 import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
+import typer
+
+from analysis import selection
 from analysis.cache import ResultCache, weights_fingerprint
 from analysis.evaluate import EVAL_SEED
+from analysis.selection import OptionGroup
 from train.errors import UserError
 from train.kk import Puzzle
 from train.registry import Checkpoint, Registry
@@ -87,6 +92,18 @@ class GenerationConfig:
         return d
 
 
+# The command-line options of `GenerationConfig` (`python -m analysis report`, `python -m probes run`).
+GENERATION_OPTIONS = OptionGroup(
+    GenerationConfig,
+    max_new_tokens=(int, typer.Option(512, min=1, help="response length limit of probe generations")),
+    temperature=(float, typer.Option(0.0, min=0.0, help="0 = greedy")),
+    top_p=(float, typer.Option(1.0)),
+    top_k=(int, typer.Option(0, min=0)),
+    prompt_style=(str, typer.Option("chat", help="chat, or raw (pre-filled <think>)")),
+    batch_size=(int, typer.Option(8, min=1, help="generation batch size")),
+)
+
+
 @dataclass(frozen=True)
 class HarnessConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -110,16 +127,8 @@ def probe_puzzles(config: ProbeConfig = ProbeConfig()) -> list[Puzzle]:
 # --------------------------------------------------------------------------- selection
 
 def parse_steps(spec: str | None) -> tuple[int | None, int | None]:
-    """"lo-hi", "lo-", "-hi" or "n" -> a step range (None = open)."""
-    if spec is None or not spec.strip():
-        return None, None
-    try:
-        if "-" not in spec:
-            return int(spec), int(spec)
-        lo, hi = spec.split("-", 1)
-        return (int(lo) if lo.strip() else None), (int(hi) if hi.strip() else None)
-    except ValueError:
-        raise HarnessError(f"bad step range {spec!r}: use lo-hi, lo-, -hi or a single step") from None
+    """"lo-hi", "lo-", "-hi" or "n" -> a step range (None = open); see `selection.parse_steps`."""
+    return selection.parse_steps(spec, error=HarnessError)
 
 
 def select_checkpoints(registry: Registry, *, run: str | None = None, stage: str | None = None,
@@ -130,9 +139,17 @@ def select_checkpoints(registry: Registry, *, run: str | None = None, stage: str
         raise HarnessError(f"--every must be at least 1, got {every}")
     if isinstance(steps, str) or steps is None:
         steps = parse_steps(steps)
-    if isinstance(ids, str):
-        ids = [i.strip() for i in ids.split(",") if i.strip()]
-    return registry.select(run=run, stage=stage, steps=steps, every=every, ids=list(ids) if ids else None)
+    return registry.select(run=run, stage=stage, steps=steps, every=every, ids=selection.split_ids(ids))
+
+
+def open_selection(chosen: selection.CheckpointSelection) -> tuple[Registry, list[Checkpoint]]:
+    """The registry the command line's selection options name (it must exist) and the
+    checkpoints they select."""
+    registry = Registry(chosen.registry)
+    if not registry.path.exists():
+        raise HarnessError(f"registry {registry.path} does not exist")
+    return registry, select_checkpoints(registry, run=chosen.run, stage=chosen.stage, steps=chosen.steps,
+                                        every=chosen.every, ids=chosen.ids)
 
 
 # --------------------------------------------------------------------------- loading
@@ -369,6 +386,17 @@ class AnalysisContext:
             self._generations = load_or_generate(self)
         return self._generations
 
+    def prompted_generations(self, records: Sequence[dict] | None = None) -> Iterator[tuple[dict, Puzzle, str]]:
+        """(record, probe puzzle, prompt) for each of `records` (default: all `generations`),
+        the prompt rendered in the record's own prompt style."""
+        from analysis.generate import render_prompts
+
+        by_id = {p.id: p for p in self.probe}
+        for rec in self.generations if records is None else records:
+            p = by_id[rec["puzzle_id"]]
+            style = rec.get("prompt_style", self.config.generation.prompt_style)
+            yield rec, p, render_prompts(self.tokenizer, [p], style)[0]
+
     def shared_get_or_compute(self, analysis: str, params: dict, compute: Callable[[], Any]) -> Any:
         """A cached result shared by all checkpoints (e.g. token ids of fixed contexts):
         key it by what it depends on, e.g. `tokenizer_identity(ctx.tokenizer)`."""
@@ -550,3 +578,23 @@ def analyse_checkpoints(registry: Registry, checkpoints: Sequence[Checkpoint], a
         if task is not None:
             progress.advance(task)
     return outcomes
+
+
+@contextlib.contextmanager
+def outcome_display(console: Any, done: Callable[[CheckpointOutcome], str]) -> Iterator[tuple[Any, Callable]]:
+    """A transient rich progress display on `console` for a command running `analyse_checkpoints`
+    (transformers' own bars off), and an `on_outcome` callback printing one line per checkpoint:
+    its error, or `<id>: <done(outcome)>`. Yields (progress, callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own bars would garble the rich display
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        def note(o: CheckpointOutcome) -> None:
+            if o.error:
+                bar.console.print(f"[bold red]error:[/] {o.error}")
+            else:
+                bar.console.print(f"{o.checkpoint.id}: {done(o)}")
+
+        yield bar, note

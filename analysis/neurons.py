@@ -506,15 +506,8 @@ class NeuronsAnalysis(Analysis):
         return [Context(**c) for c in raw]
 
     def own_contexts(self, ctx: AnalysisContext) -> list[Context]:
-        from analysis.generate import render_prompts
-
-        by_id = {p.id: p for p in ctx.probe}
-        out = []
-        for rec in ctx.generations:
-            p = by_id[rec["puzzle_id"]]
-            prompt = render_prompts(ctx.tokenizer, [p], rec.get("prompt_style", ctx.config.generation.prompt_style))[0]
-            out.append(make_context(ctx.tokenizer, prompt, rec["text"], p.names, key=p.id, max_tokens=self.max_tokens))
-        return out
+        return [make_context(ctx.tokenizer, prompt, rec["text"], p.names, key=p.id, max_tokens=self.max_tokens)
+                for rec, p, prompt in ctx.prompted_generations()]
 
     def choose_contexts(self, ctx: AnalysisContext, scripts: np.ndarray) -> tuple[str, list[Context]]:
         if self.source in ("auto", "own"):

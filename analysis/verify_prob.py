@@ -419,13 +419,8 @@ class VerifyProbAnalysis(Analysis):
                                          max_points=self.max_points, max_tokens=self.max_tokens))
 
     def own_contexts(self, ctx: AnalysisContext) -> list[dict]:
-        from analysis.generate import render_prompts
-
-        by_id = {p.id: p for p in ctx.probe}
         out = []
-        for rec in ctx.generations:
-            p = by_id[rec["puzzle_id"]]
-            prompt = render_prompts(ctx.tokenizer, [p], rec.get("prompt_style", ctx.config.generation.prompt_style))[0]
+        for rec, p, prompt in ctx.prompted_generations():
             prompt_ids = ctx.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             ids, points = decision_points(prompt_ids, rec["text"], ctx.tokenizer,
                                           max_points=self.max_points, max_tokens=self.max_tokens)

@@ -20,6 +20,8 @@ import typer
 
 from analysis.cache import DEFAULT_ROOT
 from analysis.evaluate import EVAL_SEED
+from analysis.harness import GENERATION_OPTIONS, GenerationConfig
+from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
 from train.cli import err_console, run_app
 
 app = typer.Typer(help="Linear probes on hidden states across checkpoints.", no_args_is_help=True,
@@ -32,25 +34,16 @@ def _main() -> None:
 
 
 @app.command("run")
+@with_option_groups
 def run_command(
-    registry: Path = typer.Option(Path("ckpts.yaml"), help="checkpoint registry"),
-    run: Optional[str] = typer.Option(None, help="only this run"),
-    stage: Optional[str] = typer.Option(None, help="only these stages (comma list)"),
-    steps: Optional[str] = typer.Option(None, help='global step range "lo-hi" (either end open)'),
-    every: int = typer.Option(1, min=1, help="every k-th selected checkpoint (the last always)"),
-    ids: Optional[str] = typer.Option(None, help="checkpoint ids, comma-separated (overrides the filters)"),
+    selection: CheckpointSelection = SELECTION_OPTIONS,
     targets: list[str] = typer.Option([], help="probe targets, comma-separated or repeated (default: all)"),
     out: Path = typer.Option(Path("reports/probes"), help="output folder"),
     cache: Path = typer.Option(DEFAULT_ROOT, help="result cache folder"),
     per_size: int = typer.Option(8, min=1, help="probe puzzles per size"),
     sizes: str = typer.Option("3-7", help="probe puzzle sizes: 3-7 or 3,5,7"),
     probe_seed: int = typer.Option(EVAL_SEED, help="probe set seed (evaluation's held-out seed by default)"),
-    max_new_tokens: int = typer.Option(512, min=1, help="response length limit of probe generations"),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
-    top_p: float = typer.Option(1.0),
-    top_k: int = typer.Option(0, min=0),
-    prompt_style: str = typer.Option("chat", help="chat, or raw (pre-filled <think>)"),
-    batch_size: int = typer.Option(8, min=1, help="generation batch size"),
+    generation: GenerationConfig = GENERATION_OPTIONS,
     max_points: int = typer.Option(48, min=1, help="decision points per response"),
     max_tokens: int = typer.Option(4096, min=8, help="longest prompt + response read"),
     folds: int = typer.Option(5, min=2, help="outer cross-validation folds (of puzzles)"),
@@ -65,43 +58,26 @@ def run_command(
 ) -> None:
     """Probe every layer of the selected checkpoints and compare them. A checkpoint that cannot
     be analysed is reported in one line and skipped (exit code 1 at the end)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers.utils import logging as hf_logging
-
     from analysis.cache import ResultCache, weights_fingerprint
-    from analysis.harness import (GenerationConfig, HarnessConfig, HarnessError, ProbeConfig, analyse_checkpoints,
-                                  probe_puzzles, select_checkpoints)
+    from analysis.harness import (HarnessConfig, ProbeConfig, analyse_checkpoints, open_selection, outcome_display,
+                                  probe_puzzles)
     from probes.compare import ComparisonEntry, write_comparison
     from probes.features import features_params, load_features
     from probes.fit import puzzle_fold_map
     from probes.plugin import ProbesAnalysis
     from probes.targets import TARGETS
     from train.data import parse_people
-    from train.registry import Registry
 
-    reg = Registry(registry)
-    if not reg.path.exists():
-        raise HarnessError(f"registry {reg.path} does not exist")
-    checkpoints = select_checkpoints(reg, run=run, stage=stage, steps=steps, every=every, ids=ids)
+    reg, checkpoints = open_selection(selection)
     chosen = [t for item in targets for t in item.split(",")] or list(TARGETS)
     analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,
                               n_permutations=permutations, seed=seed, Cs=cs)
     config = HarnessConfig(
         probe=ProbeConfig(sizes=tuple(parse_people(sizes)), per_size=per_size, seed=probe_seed),
-        generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, prompt_style=prompt_style, batch_size=batch_size),
-        device=device, dtype=dtype)
+        generation=generation, device=device, dtype=dtype)
     results_cache = ResultCache(cache)
 
-    hf_logging.disable_progress_bar()  # transformers' own bars would garble the rich display
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        def note(o) -> None:
-            if o.error:
-                bar.console.print(f"[bold red]error:[/] {o.error}")
-            else:
-                bar.console.print(f"{o.checkpoint.id}: {'probed' if o.computed else 'cached'}")
-
+    with outcome_display(err_console, lambda o: "probed" if o.computed else "cached") as (bar, note):
         outcomes = analyse_checkpoints(reg, checkpoints, [analysis], cache=results_cache, config=config,
                                        progress=bar, on_outcome=note)
         entries = []
@@ -123,8 +99,8 @@ def run_command(
         task = bar.add_task("comparing", total=None)
         files = write_comparison(entries, out, targets=analysis.targets, fold_map=fold_map, config=analysis.fit,
                                  layer=layer, header=f"Probe set: sizes {sizes}, {per_size} per size (seed {probe_seed}); "
-                                 f"{'greedy' if temperature == 0 else f'T={temperature}'} generations of up to "
-                                 f"{max_new_tokens} tokens.",
+                                 f"{'greedy' if generation.temperature == 0 else f'T={generation.temperature}'} "
+                                 f"generations of up to {generation.max_new_tokens} tokens.",
                                  progress=lambda d: bar.update(task, description=d))
         bar.remove_task(task)
     failed = len(outcomes) - len(entries)

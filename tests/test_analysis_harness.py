@@ -260,6 +260,10 @@ def test_module_entry_point_help_and_one_line_user_error(tmp_path, registry_path
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {registry_path}: unknown checkpoint id(s): nope"]
+    # An out-of-range option value is a usage error (exit 2, no traceback), not a crash.
+    zero = subprocess.run(env_py + ["report", "--registry", str(registry_path), "--every", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert zero.returncode == 2 and "Traceback" not in zero.stderr and "--every" in zero.stderr
 
 
 # --------------------------------------------------------------------------- verify-token probability

@@ -60,6 +60,36 @@ def test_trace_writer_rates_and_reward_agreement():
 
 
 @pytest.mark.slow
+def test_sft_shares_the_system_turn_exactly():
+    """One SFT step with the common prefix run once equals the plain full-sequence loss."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from train.organism import sft
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=4, tie_word_embeddings=True,
+                                         initializer_range=0.5))   # sharp attention: positions matter
+    prefix = [1, 2, 3, 4, 5, 6]
+    examples = [(prefix + [7, 8, 9, 10, 11, 12, 13], 9), (prefix + [14, 15, 16, 17, 18], 8)]
+    ids = torch.full((2, 13), 0)
+    labels = torch.full((2, 13), -100)
+    mask = torch.zeros((2, 13), dtype=torch.long)
+    for row, (seq, n_prompt) in enumerate(examples):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        labels[row, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+        mask[row, :len(seq)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100).item()
+    config = OrganismConfig(bf16=False, batch_tokens=256, epochs=1.0, warmup_steps=1, threads=1)
+    losses = sft(model, examples, config, pad_id=0, progress=False)
+    assert len(losses) == 1 and losses[0] == pytest.approx(expected, rel=1e-5)
+
+
 def test_smollm2_converts_to_a_loadable_hf_folder(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

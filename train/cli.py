@@ -13,6 +13,23 @@ from train.errors import UserError
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Usage errors (bad option values): newer typer raises those of its vendored click."""
+    import click
+
+    errors: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+    except ImportError:
+        pass
+    else:
+        errors.append(VendoredClickException)
+    return tuple(errors)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a typer app; a user error prints `error: <one line>` and exits 2."""
     try:
@@ -29,6 +46,6 @@ def run_app(app: typer.Typer) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except __import__("click").ClickException as exc:
+    except _CLICK_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -100,7 +100,8 @@ class OrganismConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of `lr`.")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    batch_tokens: int = Field(8192, ge=256, description="Tokens per optimizer step (padded batch area).")
+    batch_tokens: int = Field(2048, ge=256, description="Tokens per optimizer step (padded batch "
+        "area, not counting the shared system turn).")
     max_length: int = Field(1024, ge=64, description="Longest SFT example in tokens; longer ones are dropped.")
     bf16: bool = Field(True, description="bf16 autocast on CPU (about 2-3x faster than fp32 here).")
     threads: int = Field(2, ge=1, description="torch threads.")
@@ -440,8 +441,17 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
     from tqdm.auto import tqdm
 
     torch.set_num_threads(config.threads)
+    # Every example starts with the same system turn: run it once per step and share its keys
+    # and values across the batch (exact, and about a third less compute).
+    first = examples[0][0]
+    shared = min(min(n_prompt for _, n_prompt in examples) - 1, len(first))
+    for ids, _ in examples:
+        while shared and ids[:shared] != first[:shared]:
+            shared -= 1
+    prefix = torch.tensor([first[:shared]]) if shared else None
+
     rng = random.Random(config.seed + 2)
-    lengths = [len(ids) for ids, _ in examples]
+    lengths = [len(ids) - shared for ids, _ in examples]
     plan: list[list[int]] = []
     whole, frac = int(config.epochs), config.epochs - int(config.epochs)
     for _ in range(whole):
@@ -470,16 +480,24 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
         width = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
         for row, i in enumerate(batch):
             seq, n_prompt = examples[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, n_prompt: len(seq)] = torch.tensor(seq[n_prompt:])
+            ids[row, : len(seq) - shared] = torch.tensor(seq[shared:])
+            labels[row, n_prompt - shared: len(seq) - shared] = torch.tensor(seq[n_prompt:])
             mask[row, : len(seq)] = 1
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            cache = None
+            if prefix is not None:
+                cache = model.model(input_ids=prefix, use_cache=True).past_key_values
+                for layer in cache.layers:
+                    layer.keys = layer.keys.expand(len(batch), -1, -1, -1)
+                    layer.values = layer.values.expand(len(batch), -1, -1, -1)
+            positions = torch.arange(shared, shared + width).expand(len(batch), width)
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                           position_ids=positions).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
