@@ -444,7 +444,7 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
     # Every example starts with the same system turn: run it once per step and share its keys
     # and values across the batch (exact, and about a third less compute).
     first = examples[0][0]
-    shared = min(min(n_prompt for _, n_prompt in examples) - 1, len(first))
+    shared = min(n_prompt for _, n_prompt in examples) - 1   # keep a prompt token to predict from
     for ids, _ in examples:
         while shared and ids[:shared] != first[:shared]:
             shared -= 1
