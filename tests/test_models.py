@@ -107,3 +107,19 @@ def test_smollm2_converts_to_a_loadable_hf_folder(tmp_path, monkeypatch):
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert resolve_model("smollm2-135m", progress=False) == path  # cached: no rebuild
+
+
+def test_organism_cli_measures_a_checkpoint_and_rejects_a_missing_one(tiny_ckpt, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "train.organism", "measure"]
+    ok = subprocess.run(cmd + [str(tiny_ckpt), "--n", "2", "--max-new-tokens", "8"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["n_puzzles"] == 2 and result["people"] == 3
+    assert {"greedy", "T=1"} <= set(result) and result["greedy"]["mean_tokens"] <= 8
+    bad = subprocess.run(cmd + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "missing" in bad.stderr

@@ -670,3 +670,35 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
             "examples": [text for text, _, _ in gens[:3]],
         }
     return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli():
+    import typer
+
+    app = typer.Typer(help="The kk-tiny model organism: build it, measure its behaviour.",
+                      no_args_is_help=True, add_completion=False)
+
+    @app.command("build")
+    def build_command(out: Path = typer.Option(..., help="folder to write the model to")) -> None:
+        """Build the default organism into OUT (the preset's cached copy: `python -m train.run base`)."""
+        print(build_kk_tiny(out))
+
+    @app.command("measure")
+    def measure_command(path: Path, n: int = typer.Option(100, min=1, help="held-out puzzles"),
+                        people: int = typer.Option(3, min=2, help="people per puzzle"),
+                        max_new_tokens: int = typer.Option(512, min=1)) -> None:
+        """Accuracy, format, verification and Chinese rates on held-out puzzles (T=1 and greedy)."""
+        result = measure_organism(path, n_puzzles=n, people=people, max_new_tokens=max_new_tokens,
+                                  progress=True)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+
+    return app
+
+
+if __name__ == "__main__":
+    from train.cli import run_app
+
+    run_app(_cli())
