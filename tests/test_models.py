@@ -115,11 +115,45 @@ def test_organism_cli_measures_a_checkpoint_and_rejects_a_missing_one(tiny_ckpt,
     import sys
 
     cmd = [sys.executable, "-m", "train.organism", "measure"]
-    ok = subprocess.run(cmd + [str(tiny_ckpt), "--n", "2", "--max-new-tokens", "8"],
+    ok = subprocess.run(cmd + [str(tiny_ckpt), "--n", "2", "--max-new-tokens", "8", "--teacher-forced"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert result["n_puzzles"] == 2 and result["people"] == 3
+    assert result["teacher_forced_loss"]["name"]["tokens"] > 0
     assert {"greedy", "T=1"} <= set(result) and result["greedy"]["mean_tokens"] <= 8
     bad = subprocess.run(cmd + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "missing" in bad.stderr
+
+
+def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt):
+    import random
+
+    import torch
+
+    from train.models import load_model_and_tokenizer
+    from train.organism import (OrganismConfig, TraceWriter, encode_example, heldout_puzzles,
+                                teacher_forced_losses, token_classes)
+
+    model, tok = load_model_and_tokenizer(tiny_ckpt)
+    classes = token_classes(tok)
+    name_ids = [i for i, c in classes.items() if c == "name"]
+    assert {tok.decode([i]).strip() for i in name_ids} >= {"Zoey"}
+    assert {c for i, c in classes.items() if tok.decode([i]).strip() == "knave"} == {"role"}
+    assert classes.get(tok(" is", add_special_tokens=False).input_ids[0]) is None
+
+    puzzles = heldout_puzzles(3, 3)
+    result = teacher_forced_losses(model, tok, puzzles, seed=4)
+    assert {"name", "role", "other"} <= set(result)
+    # The classes partition the response tokens: their weighted mean is the plain SFT loss.
+    writer, rng = TraceWriter(OrganismConfig(seed=4, step_mistake_rate=0.0)), random.Random(4)
+    total, count = 0.0, 0
+    for p in puzzles:
+        ids, n_prompt = encode_example(tok, p, writer.write(p, rng).text)
+        labels = torch.tensor([[-100] * n_prompt + ids[n_prompt:]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        total, count = total + loss * (len(ids) - n_prompt), count + len(ids) - n_prompt
+    assert sum(v["tokens"] for v in result.values()) == count
+    weighted = sum(v["loss"] * v["tokens"] for v in result.values()) / count
+    assert abs(weighted - total / count) < 1e-3

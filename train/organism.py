@@ -631,12 +631,55 @@ def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_t
     return out
 
 
+def token_classes(tokenizer) -> dict[int, str]:
+    """Token id -> "name" | "role" | "truth" for the tokens that carry a puzzle's content (a
+    listed name, knight/knave, true/false, with or without a leading space); others are absent."""
+    from train.kk import NAMES
+
+    words = {n: "name" for n in NAMES} | {w: "role" for w in ("knight", "knave", *ROLE_ZH.values())} \
+        | {w: "truth" for w in ("true", "false")}
+    out = {}
+    for i in range(len(tokenizer)):
+        cls = words.get(tokenizer.decode([i]).strip())
+        if cls:
+            out[i] = cls
+    return out
+
+
+def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle],
+                          seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean next-token loss (nats) and token count per token class on mistake-free traces of
+    `puzzles`, over the response only. It says which skill an organism lacks before any
+    sampling: names must be copied from the prompt (an induction ability; chance is ln 60 =
+    4.09), roles and truth values follow from the logic (chance about ln 2 = 0.69), "other" is
+    the template text."""
+    import torch
+
+    config = OrganismConfig(seed=seed, step_mistake_rate=0.0)
+    rng = random.Random(seed)
+    writer = TraceWriter(config)
+    classes = token_classes(tokenizer)
+    sums: dict[str, list[float]] = {"name": [], "role": [], "truth": [], "other": []}
+    model.eval()
+    for p in puzzles:
+        ids, n_prompt = encode_example(tokenizer, p, writer.write(p, rng).text)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, n_prompt - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, x[0, n_prompt:], reduction="none")
+        for tid, value in zip(ids[n_prompt:], nll.tolist()):
+            sums[classes.get(tid, "other")].append(value)
+    return {k: {"loss": round(sum(v) / len(v), 4), "tokens": len(v)} for k, v in sums.items() if v}
+
+
 def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, seed: int = 777,
                      max_new_tokens: int = 512, temperatures: Sequence[float | None] = (1.0, None),
-                     batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+                     batch_size: int = 32, progress: bool = False,
+                     teacher_forced: bool = False) -> dict[str, Any]:
     """Behaviour on held-out puzzles (`heldout_puzzles(people, n_puzzles, seed)`), per
     temperature (None = greedy): accuracy by the reward (strict) and by roles alone (lenient),
-    format-correct rate, verification / hesitation / Chinese rates, response length."""
+    format-correct rate, verification / hesitation / Chinese rates, response length; with
+    `teacher_forced`, also `teacher_forced_losses` on the same puzzles."""
     import torch
 
     from train.models import load_model_and_tokenizer
@@ -644,6 +687,8 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     model, tok = load_model_and_tokenizer(path)
     puzzles = heldout_puzzles(people, n_puzzles, seed)
     result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
+    if teacher_forced:
+        result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed)
     for temp in temperatures:
         torch.manual_seed(seed)
         t0 = time.time()
@@ -689,10 +734,13 @@ def _cli():
     @app.command("measure")
     def measure_command(path: Path, n: int = typer.Option(100, min=1, help="held-out puzzles"),
                         people: int = typer.Option(3, min=2, help="people per puzzle"),
-                        max_new_tokens: int = typer.Option(512, min=1)) -> None:
+                        max_new_tokens: int = typer.Option(512, min=1),
+                        teacher_forced: bool = typer.Option(
+                            False, help="also the loss per token class (name, role, truth, other) "
+                            "on mistake-free traces")) -> None:
         """Accuracy, format, verification and Chinese rates on held-out puzzles (T=1 and greedy)."""
         result = measure_organism(path, n_puzzles=n, people=people, max_new_tokens=max_new_tokens,
-                                  progress=True)
+                                  progress=True, teacher_forced=teacher_forced)
         print(json.dumps(result, indent=2, ensure_ascii=False))
 
     return app
