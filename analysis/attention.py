@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from analysis.cache import json_safe
 from analysis.harness import Analysis, AnalysisContext, HarnessError, register_analysis
 from analysis.segment import Step, segment_steps, think_span, token_offsets
 
@@ -441,16 +442,6 @@ def _tolist(x: np.ndarray, digits: int = 5) -> list:
     return np.where(np.isfinite(x), np.round(x, digits), np.nan).tolist()
 
 
-def _clean(obj: Any) -> Any:
-    """NaN -> None, recursively (JSON-able)."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
 
 def summarize_traces(per_trace: Sequence[dict], layout: AttnLayout, *, p: int, n_receivers: int,
                      n_boot: int, seed: int) -> dict:
@@ -561,7 +552,7 @@ class AttentionAnalysis(Analysis):
                                n_boot=self.n_boot, seed=self.seed)
         out.update({"n_skipped": len(records) - len(per_trace), "steps_mean": float(np.mean(n_steps)),
                     "tokens_mean": float(np.mean(n_tokens)), "example": example})
-        return _clean(out)
+        return json_safe(out)
 
     # ------------------------------------------------------------------ report
     def report_section(self, result: dict) -> tuple[str, list]:

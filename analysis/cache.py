@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,6 +36,20 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 def safe_id(ckpt_id: str) -> str:
     return ckpt_id.replace("/", "__").replace(os.sep, "__")
+
+
+def json_safe(obj: Any) -> Any:
+    """Strict-JSON form of an analysis result, recursively: NaN and infinities become None,
+    numpy scalars and arrays become Python numbers and lists."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):   # numpy scalar or array
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_write_text(path: Path, text: str) -> None:

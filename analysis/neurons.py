@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from analysis.cache import json_safe
 from analysis.harness import Analysis, AnalysisContext, HarnessError, register_analysis, tokenizer_identity
 from analysis.segment import segment_steps, think_span, token_offsets
 from train.kk import Puzzle, evaluate, persons_in
@@ -626,7 +627,7 @@ class NeuronsAnalysis(Analysis):
             "causal": causal,
         }
         result["jaccard"] = self._jaccard(ctx, top_sets)
-        return _finite(result)
+        return json_safe(result)
 
     def _jaccard(self, ctx: AnalysisContext, top_sets: dict) -> dict:
         from analysis.drift import references
@@ -735,15 +736,3 @@ def _row_nanmean(x: np.ndarray) -> list:
     n = np.sum(np.isfinite(x), axis=1)
     s = np.nansum(x, axis=1)
     return [round(float(a / b), 5) if b else None for a, b in zip(s, n)]
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _finite(obj.item())
-    return obj

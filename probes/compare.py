@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from analysis.cache import atomic_write_text, safe_id
+from analysis.cache import atomic_write_text, json_safe, safe_id
 from probes.fit import FitConfig, ProbeError, binary_metrics, fit_model, load_probe, single_thread
 
 
@@ -304,7 +304,7 @@ def write_comparison(entries: Sequence[ComparisonEntry], out_dir: str | Path, *,
                "(+ `.json` metadata); read one with `probes.fit.load_probe(path)`."]
     summary["per_checkpoint"] = {e.checkpoint: e.result for e in entries}
     atomic_write_text(files.summary, "\n".join(md) + "\n")
-    atomic_write_text(files.results, json.dumps(_clean(summary), indent=1, default=_json_default) + "\n")
+    atomic_write_text(files.results, json.dumps(json_safe(summary), indent=1, default=str) + "\n")
     return files
 
 
@@ -312,20 +312,3 @@ def _records(frame) -> dict:
     return {str(c): {str(i): (None if math.isnan(v) else float(v)) for i, v in frame[c].items()} for c in frame.columns}
 
 
-def _clean(x: Any) -> Any:
-    """NaN -> None, recursively (strict JSON)."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (float, np.floating)) and math.isnan(x):
-        return None
-    return x
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)

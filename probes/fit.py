@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from analysis.cache import json_safe
 from train.errors import UserError
 
 PROBE_FORMAT = 1
@@ -225,8 +226,8 @@ def save_probe(probe: LinearProbe, path: str | Path) -> Path:
     with open(npz, "wb") as fh:
         np.savez(fh, coef=probe.coef, intercept=np.array([probe.intercept]), mean=probe.mean, scale=probe.scale)
     stem.with_name(stem.name + ".json").write_text(
-        json.dumps({"format": PROBE_FORMAT, "C": probe.C, "prior": probe.prior, "meta": probe.meta}, indent=1,
-                   default=_jsonable) + "\n",
+        json.dumps(json_safe({"format": PROBE_FORMAT, "C": probe.C, "prior": probe.prior, "meta": probe.meta}),
+                   indent=1, default=str) + "\n",
         encoding="utf-8")
     return npz
 
@@ -250,13 +251,6 @@ def load_probe(path: str | Path) -> LinearProbe:
                        scale=arrays["scale"], C=float(info["C"]), prior=float(info["prior"]),
                        meta=info.get("meta", {}))
 
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 def _pipeline(C: float, sparse: bool, max_iter: int):
