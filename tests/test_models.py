@@ -59,6 +59,34 @@ def test_trace_writer_rates_and_reward_agreement():
     assert sum(ver) / len(ver) > sum(rest) / len(rest)
 
 
+def test_organism_tokenizer_spells_each_name_as_one_token_in_every_context(tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.kk import NAMES
+    from train.organism import train_tokenizer
+
+    puzzles, traces = _traces(OrganismConfig(), n=40)
+    texts = [p.quiz for p in puzzles] + [t.text for t in traces]
+    tok = train_tokenizer(texts, vocab_size=400)
+    sample = 'Ethan said, "Ethan is a knave." 所以 Ethan 是骗子。 (1) Ethan is a knight. Leonard'
+    ids = tok(sample, add_special_tokens=False).input_ids
+    ethan = tok.convert_tokens_to_ids("Ethan")
+    assert ids.count(ethan) == 4          # after a line start, a quote, Chinese and "(1) "
+    assert all(tok.convert_tokens_to_ids(n) != tok.unk_token_id for n in NAMES)
+    assert tok.convert_tokens_to_ids("Leo") not in ids     # only whole words: "Leonard" is not split
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(sample, add_special_tokens=False).input_ids == ids
+    # The bare-quiz prompt of the first SFT phase is the full prompt without its system turn.
+    from train.organism import encode_example
+
+    full, n_full = encode_example(tok, puzzles[0], traces[0].text)
+    bare, n_bare = encode_example(tok, puzzles[0], traces[0].text, bare=True)
+    assert full[-len(bare):] == bare and n_full - n_bare == len(full) - len(bare) > 50
+    assert "You are a helpful" not in tok.decode(bare[:n_bare])
+    plain = train_tokenizer(texts, vocab_size=400, names_as_tokens=False)
+    assert plain(sample, add_special_tokens=False).input_ids.count(ethan) < 4
+
+
 @pytest.mark.slow
 def test_sft_shares_the_system_turn_exactly():
     """One SFT step with the common prefix run once equals the plain full-sequence loss."""
@@ -126,6 +154,36 @@ def test_organism_cli_measures_a_checkpoint_and_rejects_a_missing_one(tiny_ckpt,
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "missing" in bad.stderr
 
 
+def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    cmd = [sys.executable, "-m", "train.organism", "build", "--out", str(tmp_path / "org")]
+    tiny = ["n_puzzles=24", "sizes=[2,3]", "size_weights=[1,1]", "heldout_per_size=4",
+            "exclude_test_per_size=2", "vocab_size=320", "hidden_size=32", "num_layers=1",
+            "num_heads=2", "intermediate_size=64", "batch_tokens=2048", "epochs=2", "bare_quiz_epochs=1"]
+    ok = subprocess.run(cmd + [a for kv in tiny for a in ("--set", kv)] + ["--monitor-every", "2"],
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    info = json.loads((tmp_path / "org" / "organism.json").read_text())
+    assert info["config"]["n_puzzles"] == 24 and info["config"]["hidden_size"] == 32
+    steps = [point["step"] for point in info["sft_curve"]]
+    assert steps[-1] == info["sft_steps"] and steps == sorted(set(steps)) and steps[0] == 2
+    # The bare-quiz phase runs first, then the full prompt; both are measured with the full prompt.
+    phases = [point["phase"] for point in info["sft_curve"]]
+    assert phases[0] == "bare quiz" and phases[-1] == "full prompt" and phases == sorted(phases)
+    assert all({"train_loss", "name", "role", "other"} <= set(point) for point in info["sft_curve"])
+    assert info["sft_curve"][-1]["other"] < info["sft_curve"][0]["other"]      # it learned something
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "org").config.hidden_size == 32
+    for bad in (["--set", "hidden_size=-1"], ["--set", "no_such=1"], ["--set", "lr"]):
+        r = subprocess.run(cmd[:-1] + [str(tmp_path / "bad")] + bad, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--set" in r.stderr, r.stderr
+        assert not (tmp_path / "bad").exists()
+
+
 def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt):
     import random
 
@@ -157,3 +215,35 @@ def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt)
     assert sum(v["tokens"] for v in result.values()) == count
     weighted = sum(v["loss"] * v["tokens"] for v in result.values()) / count
     assert abs(weighted - total / count) < 1e-3
+
+
+def test_copy_probe_scores_a_perfect_copier_and_a_bag_of_names():
+    from types import SimpleNamespace
+
+    import torch
+
+    from train.organism import copy_probe, train_tokenizer
+
+    puzzles, traces = _traces(OrganismConfig(), n=20)
+    tok = train_tokenizer([p.quiz for p in puzzles] + [t.text for t in traces], vocab_size=400)
+    vocab = len(tok)
+
+    class Fake:
+        """Predicts, at each position, the token `lag` places back (copy) or the first token."""
+
+        def __init__(self, copy: bool):
+            self.copy = copy
+
+        def eval(self):
+            return self
+
+        def __call__(self, input_ids):
+            ids = input_ids[0]
+            half = len(ids) // 2
+            target = [int(ids[i - half + 1]) if self.copy and i >= half else int(ids[0]) for i in range(len(ids))]
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor([target]), vocab).float())
+
+    assert copy_probe(Fake(copy=True), tok) == {"copy_accuracy": 1.0, "in_context": 1.0}
+    bag = copy_probe(Fake(copy=False), tok)
+    assert bag["in_context"] == 1.0 and bag["copy_accuracy"] < 0.2
+    assert copy_probe(Fake(copy=True), train_tokenizer([p.quiz for p in puzzles], 300, names_as_tokens=False)) == {}

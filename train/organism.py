@@ -89,13 +89,23 @@ class OrganismConfig(BaseModel):
         "(format broken); the rest end with a plain 'Answer:' list.")
     # Tokenizer and model
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (with special tokens).")
+    names_as_tokens: bool = Field(
+        True, description="Every puzzle name is one added token. Byte-level BPE spells a name "
+        "differently after a space and after a quote, so copying it from the quiz would be a "
+        "learned mapping between unrelated tokens; as one token the model learns to copy names "
+        "about twice as early in SFT.")
     hidden_size: int = Field(192, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(768, ge=16)
     max_position_embeddings: int = Field(2048, ge=256)
     # SFT
-    epochs: float = Field(1.0, gt=0, description="Passes over the SFT examples (fractions allowed).")
+    bare_quiz_epochs: float = Field(
+        0.6, ge=0, description="Passes over the SFT examples with the bare quiz as the prompt (no "
+        "system turn), run before `epochs`. Copying from the quiz (induction) forms much sooner "
+        "in the short context than behind the 150-token system turn, and carries over to it.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the SFT examples with the full chat "
+        "prompt (fractions allowed).")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of `lr`.")
     warmup_steps: int = Field(20, ge=0)
@@ -110,6 +120,29 @@ class OrganismConfig(BaseModel):
         import hashlib
 
         return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def config_with(overrides: Sequence[str]) -> OrganismConfig:
+    """OrganismConfig with `key=value` overrides (values parsed as JSON when they can be)."""
+    from pydantic import ValidationError
+
+    from train.errors import UserError
+
+    values: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in OrganismConfig.model_fields:
+            raise UserError(f"--set {item!r}: expected key=value with a key of OrganismConfig "
+                            f"({', '.join(OrganismConfig.model_fields)})")
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    try:
+        return OrganismConfig(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"--set {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 # --------------------------------------------------------------------------- trace writer
@@ -378,11 +411,14 @@ def sft_traces(puzzles: Sequence[Puzzle], config: OrganismConfig) -> list[Trace]
 # --------------------------------------------------------------------------- tokenizer and model
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """Qwen-style byte-level BPE (see train/tokenizer.py); the format tags are single tokens."""
+def train_tokenizer(texts: Sequence[str], vocab_size: int, names_as_tokens: bool = True):
+    """Qwen-style byte-level BPE (see train/tokenizer.py); the format tags, and the puzzle
+    names when `names_as_tokens`, are single tokens."""
+    from train.kk import NAMES
     from train.tokenizer import train_bpe_tokenizer
 
-    return train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size,
+                               whole_words=NAMES if names_as_tokens else ())
 
 
 def make_model(config: OrganismConfig, tokenizer):
@@ -404,10 +440,12 @@ def make_model(config: OrganismConfig, tokenizer):
     return model
 
 
-def encode_example(tokenizer, puzzle: Puzzle, response: str) -> tuple[list[int], int]:
-    """(ids, prompt length): the chat prompt as a generation would see it, then the response
-    and the end-of-turn token, tokenized apart exactly as generated tokens would be."""
-    prompt = tokenizer.apply_chat_template(chat_messages(puzzle.quiz), tokenize=False,
+def encode_example(tokenizer, puzzle: Puzzle, response: str, bare: bool = False) -> tuple[list[int], int]:
+    """(ids, prompt length): the chat prompt as a generation would see it (`bare`: the quiz as
+    the only turn), then the response and the end-of-turn token, tokenized apart exactly as
+    generated tokens would be."""
+    messages = chat_messages(puzzle.quiz)
+    prompt = tokenizer.apply_chat_template(messages[1:] if bare else messages, tokenize=False,
                                            add_generation_prompt=True)
     p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     r_ids = tokenizer(response, add_special_tokens=False).input_ids
@@ -434,7 +472,8 @@ def _batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> l
 
 
 def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig, pad_id: int,
-        progress: bool = True, callback: Callable[[int, float], None] | None = None) -> list[float]:
+        progress: bool = True, callback: Callable[[int, float], None] | None = None,
+        desc: str = "kk-tiny SFT") -> list[float]:
     """Plain causal-LM fine-tuning with the loss on the response tokens only; returns the
     per-step losses. `callback(step, loss)` runs after every optimizer step."""
     import torch
@@ -475,7 +514,7 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
 
     model.train()
     losses = []
-    bar = tqdm(plan, desc="kk-tiny SFT", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(plan, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         width = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -515,8 +554,14 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
 # --------------------------------------------------------------------------- build
 
 
-def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, progress: bool = True) -> Path:
-    """Write the kk-tiny organism (model, tokenizer, generation config, organism.json) to `out_dir`."""
+def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, progress: bool = True,
+                  monitor_every: int = 0, monitor_puzzles: int = 16) -> Path:
+    """Write the kk-tiny organism (model, tokenizer, generation config, organism.json) to `out_dir`.
+
+    With `monitor_every` > 0, every that many SFT steps (and at the end) the loss per token
+    class (`teacher_forced_losses`) on `monitor_puzzles` held-out 3-person puzzles is printed
+    and kept in organism.json as `sft_curve`: the learning curve of each skill.
+    """
     import torch
 
     config = config or OrganismConfig()
@@ -528,11 +573,43 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
     from train.prompts import SYSTEM_PROMPT
 
     tok = train_tokenizer([SYSTEM_PROMPT] + [p.quiz for p in puzzles] + [t.text for t in traces],
-                          config.vocab_size)
+                          config.vocab_size, config.names_as_tokens)
     examples = [encode_example(tok, p, t.text) for p, t in zip(puzzles, traces)]
     kept = [e for e in examples if len(e[0]) <= config.max_length]
     model = make_model(config, tok)
-    losses = sft(model, kept, config, tok.pad_token_id, progress=progress)
+    # Two phases, each with its own warm-up and decay: the bare quiz first, then the full prompt.
+    phases = [("full prompt", kept, config)]
+    if config.bare_quiz_epochs > 0:
+        bare = [encode_example(tok, p, t.text, bare=True) for p, t in zip(puzzles, traces)]
+        phases.insert(0, ("bare quiz", [e for e in bare if len(e[0]) <= config.max_length],
+                          config.model_copy(update={"epochs": config.bare_quiz_epochs})))
+    curve: list[dict[str, Any]] = []
+    losses: list[float] = []
+    monitor = heldout_puzzles(3, monitor_puzzles, config.heldout_seed) if monitor_every > 0 else []
+
+    def record(phase: str, step: int, loss: float) -> None:
+        # Always measured with the full prompt, the one the organism is used with.
+        per_class = teacher_forced_losses(model, tok, monitor, seed=config.seed)
+        model.train()
+        curve.append({"step": step, "phase": phase, "train_loss": round(loss, 4),
+                      **{k: v["loss"] for k, v in per_class.items()}})
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write("kk-tiny SFT " + " ".join(f"{k} {v}" for k, v in curve[-1].items()))
+
+    for phase, phase_examples, phase_config in phases:
+        done = len(losses)
+        callback = None
+        if monitor:
+            def callback(step: int, loss: float, phase=phase, done=done) -> None:
+                if (done + step + 1) % monitor_every == 0:
+                    record(phase, done + step + 1, loss)
+        losses += sft(model, phase_examples, phase_config, tok.pad_token_id, progress=progress,
+                      callback=callback, desc=f"kk-tiny SFT, {phase}")
+    if monitor and (not curve or curve[-1]["step"] != len(losses)):
+        record(phases[-1][0], len(losses), losses[-1])
+    model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -554,6 +631,8 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
         },
         "build_seconds": round(time.time() - t0, 1),
     }
+    if curve:
+        info["sft_curve"] = curve
     (out / "organism.json").write_text(json.dumps(info, indent=2))
     return out
 
@@ -672,6 +751,33 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle],
     return {k: {"loss": round(sum(v) / len(v), 4), "tokens": len(v)} for k, v in sums.items() if v}
 
 
+def copy_probe(model, tokenizer, n: int = 20, length: int = 20, seed: int = 0) -> dict[str, float]:
+    """Does the model copy, or only pick names it has seen? On `n` random sequences of
+    `length` puzzle names shown twice, over the second showing: `copy_accuracy`, how often the
+    top prediction is the next name of the first showing (an induction head's job, near 1 when
+    the model copies), and `in_context`, how often the top prediction is some name of the
+    sequence (high already for a model that only learned the bag of names in its context)."""
+    import torch
+
+    from train.kk import NAMES
+
+    ids = [i for i in (tokenizer.convert_tokens_to_ids(nm) for nm in NAMES)
+           if i is not None and i != tokenizer.unk_token_id]
+    if len(ids) < len(NAMES):
+        return {}                         # names are not single tokens: the probe does not apply
+    rng = random.Random(seed)
+    hits = inside = total = 0
+    model.eval()
+    for _ in range(n):
+        seq = [rng.choice(ids) for _ in range(length)]
+        with torch.no_grad():
+            pred = model(input_ids=torch.tensor([seq + seq])).logits[0, length:2 * length - 1].argmax(-1)
+        hits += sum(int(p) == t for p, t in zip(pred.tolist(), seq[1:]))
+        inside += sum(int(p) in seq for p in pred.tolist())
+        total += length - 1
+    return {"copy_accuracy": round(hits / total, 4), "in_context": round(inside / total, 4)}
+
+
 def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, seed: int = 777,
                      max_new_tokens: int = 512, temperatures: Sequence[float | None] = (1.0, None),
                      batch_size: int = 32, progress: bool = False,
@@ -679,7 +785,7 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     """Behaviour on held-out puzzles (`heldout_puzzles(people, n_puzzles, seed)`), per
     temperature (None = greedy): accuracy by the reward (strict) and by roles alone (lenient),
     format-correct rate, verification / hesitation / Chinese rates, response length; with
-    `teacher_forced`, also `teacher_forced_losses` on the same puzzles."""
+    `teacher_forced`, also `teacher_forced_losses` on the same puzzles and `copy_probe`."""
     import torch
 
     from train.models import load_model_and_tokenizer
@@ -689,6 +795,7 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
     if teacher_forced:
         result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed)
+        result["copy_probe"] = copy_probe(model, tok, seed=seed)
     for temp in temperatures:
         torch.manual_seed(seed)
         t0 = time.time()
@@ -727,9 +834,16 @@ def _cli():
                       no_args_is_help=True, add_completion=False)
 
     @app.command("build")
-    def build_command(out: Path = typer.Option(..., help="folder to write the model to")) -> None:
-        """Build the default organism into OUT (the preset's cached copy: `python -m train.run base`)."""
-        print(build_kk_tiny(out))
+    def build_command(
+        out: Path = typer.Option(..., help="folder to write the model to"),
+        set_: list[str] = typer.Option([], "--set", help="override a setting of OrganismConfig, "
+                                       "e.g. --set n_puzzles=12000 (repeatable)"),
+        monitor_every: int = typer.Option(0, min=0, help="print the loss per token class on "
+                                          "held-out traces every N SFT steps (0: off)"),
+    ) -> None:
+        """Build an organism into OUT: the default one (the preset's cached copy is made by
+        `python -m train.run base`), or a variant with --set."""
+        print(build_kk_tiny(out, config_with(set_), monitor_every=monitor_every))
 
     @app.command("measure")
     def measure_command(path: Path, n: int = typer.Option(100, min=1, help="held-out puzzles"),
@@ -737,7 +851,7 @@ def _cli():
                         max_new_tokens: int = typer.Option(512, min=1),
                         teacher_forced: bool = typer.Option(
                             False, help="also the loss per token class (name, role, truth, other) "
-                            "on mistake-free traces")) -> None:
+                            "on mistake-free traces, and the copy probe")) -> None:
         """Accuracy, format, verification and Chinese rates on held-out puzzles (T=1 and greedy)."""
         result = measure_organism(path, n_puzzles=n, people=people, max_new_tokens=max_new_tokens,
                                   progress=True, teacher_forced=teacher_forced)

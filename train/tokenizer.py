@@ -7,7 +7,7 @@ and silently produces other ids.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from train.prompts import CHATML_TEMPLATE
 
@@ -20,8 +20,13 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2):
-    """Train a Qwen-style byte-level BPE on `texts`; returns a PreTrainedTokenizerFast."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2,
+                        whole_words: Sequence[str] = ()):
+    """Train a Qwen-style byte-level BPE on `texts`; returns a PreTrainedTokenizerFast.
+
+    `whole_words` become added tokens, one id each whatever precedes them (byte-level BPE
+    otherwise spells `Ethan` after a space and after a quote as two unrelated tokens).
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,6 +43,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_freque
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAG_TOKENS])
+    if whole_words:
+        tok.add_tokens([AddedToken(w, normalized=False, special=False, single_word=True)
+                        for w in whole_words])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
