@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from train.errors import UserError
 from train.kk import Puzzle, PuzzleGenerator, Statement, evaluate, persons_in
 from train.prompts import chat_messages
 
@@ -124,10 +125,6 @@ class OrganismConfig(BaseModel):
 
 def config_with(overrides: Sequence[str]) -> OrganismConfig:
     """OrganismConfig with `key=value` overrides (values parsed as JSON when they can be)."""
-    from pydantic import ValidationError
-
-    from train.errors import UserError
-
     values: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -599,12 +596,11 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
             tqdm.write("kk-tiny SFT " + " ".join(f"{k} {v}" for k, v in curve[-1].items()))
 
     for phase, phase_examples, phase_config in phases:
-        done = len(losses)
-        callback = None
-        if monitor:
-            def callback(step: int, loss: float, phase=phase, done=done) -> None:
-                if (done + step + 1) % monitor_every == 0:
-                    record(phase, done + step + 1, loss)
+        done = len(losses)       # steps of earlier phases: the curve counts steps across phases
+
+        def callback(step: int, loss: float) -> None:
+            if monitor and (done + step + 1) % monitor_every == 0:
+                record(phase, done + step + 1, loss)
         losses += sft(model, phase_examples, phase_config, tok.pad_token_id, progress=progress,
                       callback=callback, desc=f"kk-tiny SFT, {phase}")
     if monitor and (not curve or curve[-1]["step"] != len(losses)):
