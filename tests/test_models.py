@@ -163,7 +163,7 @@ def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
 
     cmd = [sys.executable, "-m", "train.organism", "build", "--out", str(tmp_path / "org")]
     tiny = ["n_puzzles=24", "sizes=[2,3]", "size_weights=[1,1]", "heldout_per_size=4",
-            "exclude_test_per_size=2", "vocab_size=320", "hidden_size=32", "num_layers=1",
+            "exclude_test_per_size=2", "vocab_size=320", "hidden_size=32", "num_layers=2",
             "num_heads=2", "intermediate_size=64", "batch_tokens=2048", "epochs=2", "bare_quiz_epochs=1"]
     ok = subprocess.run(cmd + [a for kv in tiny for a in ("--set", kv)] + ["--monitor-every", "2"],
                         capture_output=True, text=True, timeout=600)
@@ -178,7 +178,7 @@ def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
     assert all({"train_loss", "name", "role", "other"} <= set(point) for point in info["sft_curve"])
     assert info["sft_curve"][-1]["other"] < info["sft_curve"][0]["other"]      # it learned something
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "org").config.hidden_size == 32
-    for bad in (["--set", "hidden_size=-1"], ["--set", "no_such=1"], ["--set", "lr"]):
+    for bad in (["--set", "hidden_size=-1"], ["--set", "no_such=1"], ["--set", "lr"], ["--set", "num_layers=1"]):
         r = subprocess.run(cmd[:-1] + [str(tmp_path / "bad")] + bad, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--set" in r.stderr, r.stderr
         assert not (tmp_path / "bad").exists()
@@ -247,3 +247,26 @@ def test_copy_probe_scores_a_perfect_copier_and_a_bag_of_names():
     bag = copy_probe(Fake(copy=False), tok)
     assert bag["in_context"] == 1.0 and bag["copy_accuracy"] < 0.2
     assert copy_probe(Fake(copy=True), train_tokenizer([p.quiz for p in puzzles], 300, names_as_tokens=False)) == {}
+
+
+def test_wired_induction_circuit_copies_across_a_long_gap_from_the_first_step():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from train.circuits import copy_probe, wire_induction
+
+    def model():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=512, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, rope_theta=1e8, tie_word_embeddings=True))
+
+    vocab = list(range(512))
+    random_init = copy_probe(model(), vocab, n=8, gap=300)
+    wired = copy_probe(wire_induction(model()), vocab, n=8, gap=300)
+    assert random_init["copy_accuracy"] < 0.05
+    assert wired["copy_accuracy"] > 0.5          # 300 random tokens between the two showings
+    with pytest.raises(ValueError, match="2 layers"):
+        wire_induction(Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=2,
+                                                    num_key_value_heads=2)))

@@ -1,7 +1,7 @@
 """kk-tiny: a model organism of the Logic-RL base model, small enough to build on 2 CPU cores.
 
-A few-million-parameter Qwen2 is fine-tuned (SFT) on step-by-step solutions written by a
-deliberately imperfect solver. Like the 7B base model of the article, the result
+A few-million-parameter Qwen2, started from a hand-wired induction circuit (train/circuits.py),
+is fine-tuned (SFT) on step-by-step solutions written by a deliberately imperfect solver. Like the 7B base model of the article, the result
 
 * solves some puzzles and gets others wrong (its steps contain mistakes at a set rate),
 * rarely verifies its answer, although verified solutions are right more often,
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.errors import UserError
 from train.kk import Puzzle, PuzzleGenerator, Statement, evaluate, persons_in
@@ -100,6 +100,14 @@ class OrganismConfig(BaseModel):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(768, ge=16)
     max_position_embeddings: int = Field(2048, ge=256)
+    rope_theta: float = Field(1e8, gt=0, description="RoPE base. Large, so the slow RoPE pairs stay "
+        "nearly unrotated across a whole prompt and response, where the induction circuit matches.")
+    induction_init: bool = Field(
+        True, description="Start from a hand-wired induction circuit (train/circuits.py) instead "
+        "of random weights. Without it SFT on 2 cores never learns to copy a name from the "
+        "prompt: held-out name loss 1.98 and copy probe 0.04, against 1.05 and 0.79 with it.")
+    embed_scale: float = Field(50.0, gt=0, description="Embedding scale of the wired init "
+        "(train.circuits.wire_induction); keeps the circuit alive through SFT.")
     # SFT
     bare_quiz_epochs: float = Field(
         0.6, ge=0, description="Passes over the SFT examples with the bare quiz as the prompt (no "
@@ -116,6 +124,15 @@ class OrganismConfig(BaseModel):
     max_length: int = Field(1024, ge=64, description="Longest SFT example in tokens; longer ones are dropped.")
     bf16: bool = Field(True, description="bf16 autocast on CPU (about 2-3x faster than fp32 here).")
     threads: int = Field(2, ge=1, description="torch threads.")
+
+    @model_validator(mode="after")
+    def _circuit_fits(self) -> "OrganismConfig":
+        from train.circuits import check_geometry
+
+        problem = self.induction_init and check_geometry(self.hidden_size, self.num_heads, self.num_layers)
+        if problem:
+            raise ValueError(f"{problem} (or set induction_init false)")
+        return self
 
     def fingerprint(self) -> str:
         import hashlib
@@ -139,7 +156,8 @@ def config_with(overrides: Sequence[str]) -> OrganismConfig:
         return OrganismConfig(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        raise UserError(f"--set {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = " ".join(["--set", *map(str, err["loc"])])
+        raise UserError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 # --------------------------------------------------------------------------- trace writer
@@ -428,9 +446,14 @@ def make_model(config: OrganismConfig, tokenizer):
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
         max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        rope_theta=config.rope_theta, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(cfg)
+    if config.induction_init:
+        from train.circuits import wire_induction
+
+        wire_induction(model, seed=config.seed, embed_scale=config.embed_scale)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
@@ -748,30 +771,16 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle],
 
 
 def copy_probe(model, tokenizer, n: int = 20, length: int = 20, seed: int = 0) -> dict[str, float]:
-    """Does the model copy, or only pick names it has seen? On `n` random sequences of
-    `length` puzzle names shown twice, over the second showing: `copy_accuracy`, how often the
-    top prediction is the next name of the first showing (an induction head's job, near 1 when
-    the model copies), and `in_context`, how often the top prediction is some name of the
-    sequence (high already for a model that only learned the bag of names in its context)."""
-    import torch
-
+    """`train.circuits.copy_probe` on the puzzle names: does the organism copy a name from its
+    context, or only pick one of the names it has seen? {} when names are not single tokens."""
+    from train.circuits import copy_probe as probe
     from train.kk import NAMES
 
     ids = [i for i in (tokenizer.convert_tokens_to_ids(nm) for nm in NAMES)
            if i is not None and i != tokenizer.unk_token_id]
     if len(ids) < len(NAMES):
         return {}                         # names are not single tokens: the probe does not apply
-    rng = random.Random(seed)
-    hits = inside = total = 0
-    model.eval()
-    for _ in range(n):
-        seq = [rng.choice(ids) for _ in range(length)]
-        with torch.no_grad():
-            pred = model(input_ids=torch.tensor([seq + seq])).logits[0, length:2 * length - 1].argmax(-1)
-        hits += sum(int(p) == t for p, t in zip(pred.tolist(), seq[1:]))
-        inside += sum(int(p) in seq for p in pred.tolist())
-        total += length - 1
-    return {"copy_accuracy": round(hits / total, 4), "in_context": round(inside / total, 4)}
+    return probe(model, ids, n=n, length=length, seed=seed)
 
 
 def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, seed: int = 777,

@@ -1,0 +1,155 @@
+"""A hand-wired induction circuit for the initial weights of a small Qwen2.
+
+Copying a name from the prompt ("... Zoey says ..." -> "Zoey") needs an induction circuit: a
+head that writes each token's predecessor into the residual stream, and a later head that
+matches the current token against those predecessors and copies the token that followed. Trained
+from random weights on 2 CPU cores, the kk-tiny organism never finds it within its SFT budget
+(its name loss stalls near the "some name of the puzzle" level). So the organism starts with
+one, and SFT adapts it:
+
+* Residual dims `[0, half)` hold the token embedding, `[half, hidden)` the previous token's.
+* Layer 0, heads `0..w-1`: attend to the previous position (constant query and key, placed
+  on the fastest RoPE frequencies so the score peaks at offset -1) and copy its embedding
+  into `[half, hidden)`.
+* Layer 1, heads `0..w-1`: the query reads the current token, the key reads the previous-token
+  copy, both through the same random orthonormal map onto the slowest RoPE frequencies (a
+  large `rope_theta` keeps those nearly unrotated over the whole context, so the match does not
+  fade with distance); the value copies the attended token's embedding back to `[0, half)`,
+  where the tied output embedding turns it into that token's logit.
+* Branches outside the circuit (the other heads' outputs, every MLP's down projection) start at
+  zero; their input weights are random, so they learn from the first step.
+
+`embed_scale` enlarges the embeddings (and shrinks the final norm by the same factor): at the
+usual 0.02 scale, AdamW's first updates to the zero-initialised branches swamp the residual
+stream within a few dozen steps and the circuit is lost.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def rope_frequencies(model):
+    """Per-pair RoPE angular frequencies (radians per position) of `model`'s attention heads."""
+    import torch
+
+    cfg = model.config
+    d = model.model.layers[0].self_attn.head_dim
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or cfg.rope_theta
+    return 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
+
+
+def check_geometry(hidden: int, heads: int, layers: int) -> str | None:
+    """Why a Qwen2 of this shape cannot hold the circuit, or None when it can."""
+    d = hidden // heads
+    if layers < 2:
+        return "the induction circuit needs at least 2 layers"
+    if hidden % heads or hidden % 2 or (hidden // 2) % d or d < 8:
+        return (f"the induction circuit needs hidden_size/2 to be a multiple of the head size "
+                f"(hidden_size {hidden}, {heads} heads) and heads of 8+ dims")
+    return None
+
+
+def wire_induction(model, *, seed: int = 0, fast_pairs: int | None = None, slow_from: int | None = None,
+                   match_scale: float = 3.0, out_gain: float = 3.0, embed_scale: float = 50.0):
+    """Write the circuit described in the module docstring into `model` (in place; returns it).
+
+    `fast_pairs`: RoPE pairs that sharpen the previous-token heads (default a quarter of the
+    pairs); `slow_from`: first RoPE pair used for matching (default the middle); `match_scale`: sharpness of the match; `out_gain`: final-norm gain
+    on the token dims."""
+    import torch
+
+    cfg = model.config
+    hidden = cfg.hidden_size
+    d = model.model.layers[0].self_attn.head_dim
+    half, pairs = hidden // 2, d // 2
+    wired = half // d                      # heads per wired layer; together they carry `half` dims
+    problem = check_geometry(hidden, cfg.num_attention_heads, len(model.model.layers))
+    if problem or cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise ValueError(problem or "the induction circuit needs as many key/value heads as heads")
+    fast_pairs = max(1, pairs // 4) if fast_pairs is None else fast_pairs
+    slow_from = pairs // 2 if slow_from is None else slow_from
+    if not 0 < fast_pairs <= slow_from < pairs:
+        raise ValueError(f"need 0 < fast_pairs <= slow_from < {pairs}")
+    freq = rope_frequencies(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.mul_(embed_scale)
+        emb[:, half:] = 0
+        e_rms = emb[:, :half].pow(2).mean().sqrt().item()
+        prev_gain, copy_gain = 1.4 * e_rms, 4.2 * e_rms   # heads read RMS-normalised inputs
+        for li, layer in enumerate(model.model.layers):
+            layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.o_proj.weight[:, (wired * d if li < 2 else 0):] = 0
+
+        # Layer 0: previous-token heads. The score is sum_i s^2 cos((delta + 1) * freq_i) over
+        # the fast pairs, largest at delta = -1; s makes its margin over delta = 0 or -2 large.
+        att = model.model.layers[0].self_attn
+        s = math.sqrt(10 * math.sqrt(d) / sum(1 - math.cos(f) for f in freq[:fast_pairs].tolist()))
+        for h in range(wired):
+            rows = slice(h * d, (h + 1) * d)
+            att.q_proj.weight[rows] = 0
+            att.k_proj.weight[rows] = 0
+            att.q_proj.bias[rows] = 0
+            att.k_proj.bias[rows] = 0
+            att.q_proj.bias[h * d: h * d + fast_pairs] = s
+            # HF RoPE rotates dim i with dim i + d/2: the key is the query turned by one position.
+            att.k_proj.bias[h * d: h * d + fast_pairs] = s * torch.cos(freq[:fast_pairs])
+            att.k_proj.bias[h * d + pairs: h * d + pairs + fast_pairs] = s * torch.sin(freq[:fast_pairs])
+            att.v_proj.weight[rows] = 0
+            att.v_proj.bias[rows] = 0
+            att.v_proj.weight[rows, h * d:(h + 1) * d] = torch.eye(d)
+            att.o_proj.weight[:, rows] = 0
+            att.o_proj.weight[half + h * d: half + (h + 1) * d, rows] = prev_gain * torch.eye(d)
+
+        # Layer 1: induction heads, matching on the slow (nearly unrotated) pairs only.
+        att = model.model.layers[1].self_attn
+        slow = list(range(slow_from, pairs)) + list(range(pairs + slow_from, d))
+        proj = torch.linalg.qr(torch.randn(half, len(slow), generator=g))[0].T * match_scale
+        for h in range(wired):
+            rows = slice(h * d, (h + 1) * d)
+            q = torch.zeros(d, hidden)
+            k = torch.zeros(d, hidden)
+            q[slow, :half] = proj
+            k[slow, half:] = proj
+            att.q_proj.weight[rows] = q
+            att.k_proj.weight[rows] = k
+            att.q_proj.bias[rows] = 0
+            att.k_proj.bias[rows] = 0
+            att.v_proj.weight[rows] = 0
+            att.v_proj.bias[rows] = 0
+            att.v_proj.weight[rows, h * d:(h + 1) * d] = torch.eye(d)
+            att.o_proj.weight[:, rows] = 0
+            att.o_proj.weight[h * d:(h + 1) * d, rows] = copy_gain * torch.eye(d)
+
+        model.model.norm.weight[:half] = out_gain
+        model.model.norm.weight.div_(embed_scale)
+    return model
+
+
+def copy_probe(model, vocab: list[int], *, n: int = 20, length: int = 20, gap: int = 0,
+               seed: int = 0) -> dict[str, float]:
+    """Does `model` copy, or only pick tokens it has seen? On `n` random sequences of `length`
+    tokens from `vocab`, shown twice with `gap` random tokens between, over the second showing:
+    `copy_accuracy`, how often the top prediction is the next token of the first showing (an
+    induction head's job, near 1 when the model copies), and `in_context`, how often it is some
+    token of the sequence (high already for a model that only learned the bag of tokens in its
+    context)."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    hits = inside = total = 0
+    model.eval()
+    for _ in range(n):
+        seq = [rng.choice(vocab) for _ in range(length)]
+        fill = [rng.choice(vocab) for _ in range(gap)]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq + fill + seq])).logits[0]
+        pred = logits[-length:-1].argmax(-1).tolist()
+        hits += sum(p == t for p, t in zip(pred, seq[1:]))
+        inside += sum(p in seq for p in pred)
+        total += length - 1
+    return {"copy_accuracy": round(hits / total, 4), "in_context": round(inside / total, 4)}
