@@ -55,8 +55,8 @@ def wire_induction(model, *, seed: int = 0, fast_pairs: int | None = None, slow_
     """Write the circuit described in the module docstring into `model` (in place; returns it).
 
     `fast_pairs`: RoPE pairs that sharpen the previous-token heads (default a quarter of the
-    pairs); `slow_from`: first RoPE pair used for matching (default the middle); `match_scale`: sharpness of the match; `out_gain`: final-norm gain
-    on the token dims."""
+    pairs); `slow_from`: first RoPE pair used for matching (default the middle); `match_scale`:
+    sharpness of the match; `out_gain`: final-norm gain on the token dims."""
     import torch
 
     cfg = model.config

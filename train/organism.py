@@ -1,7 +1,8 @@
 """kk-tiny: a model organism of the Logic-RL base model, small enough to build on 2 CPU cores.
 
 A few-million-parameter Qwen2, started from a hand-wired induction circuit (train/circuits.py),
-is fine-tuned (SFT) on step-by-step solutions written by a deliberately imperfect solver. Like the 7B base model of the article, the result
+is fine-tuned (SFT) on step-by-step solutions written by a deliberately imperfect solver. Like
+the 7B base model of the article, the result
 
 * solves some puzzles and gets others wrong (its steps contain mistakes at a set rate),
 * rarely verifies its answer, although verified solutions are right more often,
