@@ -85,47 +85,44 @@ def wire_induction(model, *, seed: int = 0, fast_pairs: int | None = None, slow_
 
         # Layer 0: previous-token heads. The score is sum_i s^2 cos((delta + 1) * freq_i) over
         # the fast pairs, largest at delta = -1; s makes its margin over delta = 0 or -2 large.
-        att = model.model.layers[0].self_attn
         s = math.sqrt(10 * math.sqrt(d) / sum(1 - math.cos(f) for f in freq[:fast_pairs].tolist()))
+        q_bias, k_bias = torch.zeros(d), torch.zeros(d)
+        q_bias[:fast_pairs] = s
+        # HF RoPE rotates dim i with dim i + d/2: the key is the query turned by one position.
+        k_bias[:fast_pairs] = s * torch.cos(freq[:fast_pairs])
+        k_bias[pairs: pairs + fast_pairs] = s * torch.sin(freq[:fast_pairs])
         for h in range(wired):
-            rows = slice(h * d, (h + 1) * d)
-            att.q_proj.weight[rows] = 0
-            att.k_proj.weight[rows] = 0
-            att.q_proj.bias[rows] = 0
-            att.k_proj.bias[rows] = 0
-            att.q_proj.bias[h * d: h * d + fast_pairs] = s
-            # HF RoPE rotates dim i with dim i + d/2: the key is the query turned by one position.
-            att.k_proj.bias[h * d: h * d + fast_pairs] = s * torch.cos(freq[:fast_pairs])
-            att.k_proj.bias[h * d + pairs: h * d + pairs + fast_pairs] = s * torch.sin(freq[:fast_pairs])
-            att.v_proj.weight[rows] = 0
-            att.v_proj.bias[rows] = 0
-            att.v_proj.weight[rows, h * d:(h + 1) * d] = torch.eye(d)
-            att.o_proj.weight[:, rows] = 0
-            att.o_proj.weight[half + h * d: half + (h + 1) * d, rows] = prev_gain * torch.eye(d)
+            _wire_head(model.model.layers[0].self_attn, h, d, q_bias=q_bias, k_bias=k_bias,
+                       out=slice(half + h * d, half + (h + 1) * d), gain=prev_gain)
 
         # Layer 1: induction heads, matching on the slow (nearly unrotated) pairs only.
-        att = model.model.layers[1].self_attn
         slow = list(range(slow_from, pairs)) + list(range(pairs + slow_from, d))
         proj = torch.linalg.qr(torch.randn(half, len(slow), generator=g))[0].T * match_scale
+        q, k = torch.zeros(d, hidden), torch.zeros(d, hidden)
+        q[slow, :half] = proj            # the current token ...
+        k[slow, half:] = proj            # ... against each position's previous-token copy
         for h in range(wired):
-            rows = slice(h * d, (h + 1) * d)
-            q = torch.zeros(d, hidden)
-            k = torch.zeros(d, hidden)
-            q[slow, :half] = proj
-            k[slow, half:] = proj
-            att.q_proj.weight[rows] = q
-            att.k_proj.weight[rows] = k
-            att.q_proj.bias[rows] = 0
-            att.k_proj.bias[rows] = 0
-            att.v_proj.weight[rows] = 0
-            att.v_proj.bias[rows] = 0
-            att.v_proj.weight[rows, h * d:(h + 1) * d] = torch.eye(d)
-            att.o_proj.weight[:, rows] = 0
-            att.o_proj.weight[h * d:(h + 1) * d, rows] = copy_gain * torch.eye(d)
+            _wire_head(model.model.layers[1].self_attn, h, d, q=q, k=k,
+                       out=slice(h * d, (h + 1) * d), gain=copy_gain)
 
         model.model.norm.weight[:half] = out_gain
         model.model.norm.weight.div_(embed_scale)
     return model
+
+
+def _wire_head(att, h: int, d: int, *, out: slice, gain: float, q=None, k=None, q_bias=None,
+               k_bias=None) -> None:
+    """Head `h` of `att`: query and key from the given weights and biases (zero where None), a
+    value that reads token dims `h*d .. (h+1)*d`, and an output that writes them to `out`."""
+    import torch
+
+    rows, eye = slice(h * d, (h + 1) * d), torch.eye(d)
+    for proj, weight, bias in ((att.q_proj, q, q_bias), (att.k_proj, k, k_bias), (att.v_proj, None, None)):
+        proj.weight[rows] = 0 if weight is None else weight
+        proj.bias[rows] = 0 if bias is None else bias
+    att.v_proj.weight[rows, h * d:(h + 1) * d] = eye
+    att.o_proj.weight[:, rows] = 0
+    att.o_proj.weight[out, rows] = gain * eye
 
 
 def copy_probe(model, vocab: list[int], *, n: int = 20, length: int = 20, gap: int = 0,
