@@ -66,7 +66,7 @@ def report_command(
     analysed is reported in one line and skipped (exit code 1 at the end)."""
     from analysis.cache import ResultCache
     from analysis.harness import (HarnessConfig, HarnessError, ProbeConfig, analyse_checkpoints, available_analyses,
-                                  get_analysis, load_plugins, open_selection, outcome_display)
+                                  checkpoints_cast, get_analysis, load_plugins, open_selection, outcome_display)
     from analysis.report import write_reports
     from train.data import parse_people
 
@@ -81,7 +81,8 @@ def report_command(
         raise HarnessError(f"--set/--behaviours name analyses not being run: {', '.join(unknown)}")
     chosen = [get_analysis(n, **options.get(n, {})) for n in names]
     config = HarnessConfig(
-        probe=ProbeConfig(sizes=tuple(parse_people(probe_sizes)), per_size=probe_per_size, seed=probe_seed),
+        probe=ProbeConfig(sizes=tuple(parse_people(probe_sizes)), per_size=probe_per_size, seed=probe_seed,
+                          fixed_cast=checkpoints_cast(reg, checkpoints)),
         generation=generation, device=device, dtype=dtype)
 
     with outcome_display(err_console, lambda o: ", ".join(o.computed) if o.computed else "all cached") as (bar, note):

@@ -104,6 +104,8 @@ class EvalConfig(BaseModel):
     train_data: Optional[Path] = Field(
         None, description="A training data root whose `<N>ppl/train.parquet` puzzles are excluded.")
     backend: Literal["auto", "transformers", "vllm"] = "auto"
+    fixed_cast: bool = Field(False, description="Held-out puzzles star the fixed cast "
+                             "(`train.kk.GeneratorConfig.fixed_cast`); the CLI follows the checkpoints.")
 
     @field_validator("people")
     @classmethod
@@ -152,14 +154,14 @@ def make_config(**fields: Any) -> EvalConfig:
 # --------------------------------------------------------------------------- puzzles
 
 def heldout_puzzles(people: Sequence[int], n_per_size: int, seed: int = EVAL_SEED,
-                    exclude: Iterable[str] = ()) -> list[Puzzle]:
+                    exclude: Iterable[str] = (), fixed_cast: bool = False) -> list[Puzzle]:
     """The held-out set: `generate_split(n, 0, n_per_size, seed)`'s test split per size,
     skipping any puzzle whose content key is in `exclude`. Deterministic for given
     (people, n_per_size, seed, exclude)."""
     seen = set(exclude)
     out: list[Puzzle] = []
     for n in people:
-        out.extend(generate_split(n, 0, n_per_size, seed=seed, exclude=seen)["test"])
+        out.extend(generate_split(n, 0, n_per_size, seed=seed, exclude=seen, fixed_cast=fixed_cast)["test"])
     return out
 
 
@@ -200,7 +202,7 @@ def eval_puzzles(config: EvalConfig) -> list[Puzzle]:
     `config.train_data`."""
     exclude = training_keys(config.train_data) if config.train_data else set()
     if config.external is None:
-        return heldout_puzzles(config.people, config.n_per_size, config.seed, exclude)
+        return heldout_puzzles(config.people, config.n_per_size, config.seed, exclude, config.fixed_cast)
     root = Path(config.external)
     if not root.is_dir():
         raise EvalError(f"{root}: external data root is not a folder")
@@ -539,6 +541,10 @@ def eval_command(
     checkpoints = reg.select(run=selection.run, stage=selection.stage, every=selection.every,
                              steps=parse_steps(selection.steps, error=EvalError, name="--steps"),
                              ids=split_ids(selection.ids))
+    if external is None:
+        from analysis.harness import checkpoints_cast
+
+        config = config.model_copy(update={"fixed_cast": checkpoints_cast(reg, checkpoints)})
     puzzles = eval_puzzles(config)
     missing = sorted(set(config.people) - {p.people for p in puzzles})
     if missing:

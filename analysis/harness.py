@@ -69,9 +69,11 @@ class ProbeConfig:
     sizes: tuple[int, ...] = (3, 4, 5, 6, 7)
     per_size: int = 8
     seed: int = EVAL_SEED
+    fixed_cast: bool = False   # the checkpoints' puzzle world (`probe_config` reads it from them)
 
     def params(self) -> dict:
-        return {"sizes": list(self.sizes), "per_size": self.per_size, "seed": self.seed}
+        return {"sizes": list(self.sizes), "per_size": self.per_size, "seed": self.seed,
+                "fixed_cast": self.fixed_cast}
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def probe_puzzles(config: ProbeConfig = ProbeConfig()) -> list[Puzzle]:
     from analysis.evaluate import heldout_puzzles
 
     if config not in _PROBE_CACHE:
-        _PROBE_CACHE[config] = heldout_puzzles(config.sizes, config.per_size, config.seed)
+        _PROBE_CACHE[config] = heldout_puzzles(config.sizes, config.per_size, config.seed,
+                                               fixed_cast=config.fixed_cast)
     return list(_PROBE_CACHE[config])
 
 
@@ -150,6 +153,22 @@ def open_selection(chosen: selection.CheckpointSelection) -> tuple[Registry, lis
         raise HarnessError(f"registry {registry.path} does not exist")
     return registry, select_checkpoints(registry, run=chosen.run, stage=chosen.stage, steps=chosen.steps,
                                         every=chosen.every, ids=chosen.ids)
+
+
+def checkpoints_cast(registry: Registry, checkpoints: Sequence[Checkpoint]) -> bool:
+    """The puzzle world of the selected checkpoints: True when they were made for the fixed
+    cast (`train.models.fixed_cast`, e.g. kk-tiny). Folders without a config.json are left to
+    fail on their own; checkpoints of both worlds together are an error."""
+    from train.models import fixed_cast
+
+    worlds = {ck.id: fixed_cast(registry.resolve(ck)) for ck in checkpoints
+              if (registry.resolve(ck) / "config.json").is_file()}
+    if len(set(worlds.values())) > 1:
+        fixed = [k for k, v in worlds.items() if v]
+        other = [k for k, v in worlds.items() if not v]
+        raise HarnessError(f"the selection mixes fixed-cast checkpoints ({fixed[0]}, ...) with others "
+                           f"({other[0]}, ...); select one run")
+    return next(iter(worlds.values()), False)
 
 
 # --------------------------------------------------------------------------- loading
@@ -446,6 +465,7 @@ def _from_evaluation(ctx: AnalysisContext) -> list[dict] | None:
             and g.top_k == params.get("top_k") and g.seed == params.get("seed"))
         if not (same_decoding and summary.get("weights") == ctx.fingerprint
                 and params.get("seed") == probe.seed and params.get("external") is None
+                and params.get("fixed_cast", False) == probe.fixed_cast
                 and params.get("train_data") is None and params.get("max_new_tokens") == g.max_new_tokens
                 and params.get("prompt_style") == g.prompt_style
                 and params.get("n_per_size", 0) >= probe.per_size

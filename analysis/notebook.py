@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from analysis.cache import ResultCache
 from analysis.harness import (Analysis, CheckpointOutcome, GenerationConfig, HarnessConfig, ProbeConfig,
-                              analyse_checkpoints, get_analysis, select_checkpoints)
+                              analyse_checkpoints, checkpoints_cast, get_analysis, select_checkpoints)
 from analysis.report import stage_boundaries, trend_figure, trend_frame
 from train.registry import Registry
 
@@ -69,7 +69,8 @@ def run_analysis(name: str, *, registry: str | Path = "ckpts.yaml", run: str | N
     reg = Registry(registry)
     analysis = get_analysis(name, **(options or {}))
     cks = select_checkpoints(reg, run=run, stage=stage, every=every)
-    config = HarnessConfig(probe=ProbeConfig(sizes=tuple(probe_sizes), per_size=per_size),
+    config = HarnessConfig(probe=ProbeConfig(sizes=tuple(probe_sizes), per_size=per_size,
+                                             fixed_cast=checkpoints_cast(reg, cks)),
                            generation=GenerationConfig(max_new_tokens=max_new_tokens))
     outcomes = analyse_checkpoints(reg, cks, [analysis], cache=ResultCache(cache), config=config)
     return Study(analysis, outcomes)

@@ -59,8 +59,8 @@ def run_command(
     """Probe every layer of the selected checkpoints and compare them. A checkpoint that cannot
     be analysed is reported in one line and skipped (exit code 1 at the end)."""
     from analysis.cache import ResultCache, weights_fingerprint
-    from analysis.harness import (HarnessConfig, ProbeConfig, analyse_checkpoints, open_selection, outcome_display,
-                                  probe_puzzles)
+    from analysis.harness import (HarnessConfig, ProbeConfig, analyse_checkpoints, checkpoints_cast, open_selection,
+                                  outcome_display, probe_puzzles)
     from probes.compare import ComparisonEntry, write_comparison
     from probes.features import features_params, load_features
     from probes.fit import puzzle_fold_map
@@ -73,7 +73,8 @@ def run_command(
     analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,
                               n_permutations=permutations, seed=seed, Cs=cs)
     config = HarnessConfig(
-        probe=ProbeConfig(sizes=tuple(parse_people(sizes)), per_size=per_size, seed=probe_seed),
+        probe=ProbeConfig(sizes=tuple(parse_people(sizes)), per_size=per_size, seed=probe_seed,
+                          fixed_cast=checkpoints_cast(reg, checkpoints)),
         generation=generation, device=device, dtype=dtype)
     results_cache = ResultCache(cache)
 

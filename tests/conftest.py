@@ -51,6 +51,19 @@ def tiny_ckpt_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_checkpoint(root / "a", seed=0), make_tiny_checkpoint(root / "b", seed=1)
 
 
+def fixed_cast_copy(src: Path, dst: Path) -> Path:
+    """A copy of the HF folder `src` that says it was made for fixed-cast puzzles."""
+    import json
+    import shutil
+
+    from train.models import FIXED_CAST_KEY
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config | {FIXED_CAST_KEY: True}))
+    return dst
+
+
 def write_schedule(tmp: Path, model: Path, steps=(2, 2, 2), save_every=1, segments3=2,
                    max_response_length: int = 12, **extra) -> Path:
     """A schedule YAML for a tiny model: a couple of steps per stage, stage 3 annealed."""

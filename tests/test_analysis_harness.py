@@ -422,3 +422,21 @@ def test_report_pages_and_index_with_trends(reg, tmp_path):
         data_lines = [ln for ln in ax.lines if ln.get_label() == "tiny"]
         assert len(data_lines) == 1 and list(data_lines[0].get_xdata()) == [10, 20]
         assert any(list(ln.get_xdata()) == [20, 20] for ln in ax.lines)   # stage boundary
+
+
+def test_the_probe_world_follows_the_checkpoints_and_refuses_a_mix(tiny_ckpt_pair, tmp_path):
+    from analysis.harness import checkpoints_cast
+    from tests.conftest import fixed_cast_copy
+    from train.kk import NAMES
+
+    fixed = fixed_cast_copy(tiny_ckpt_pair[0], tmp_path / "fixed")
+    reg = make_registry(tmp_path / "ckpts.yaml", fixed, tiny_ckpt_pair[1],
+                        extra=[Checkpoint(id="gone", path=str(tmp_path / "gone"), run="x", stage="base",
+                                          global_step=0)])
+    cks = {ck.id: ck for ck in reg.checkpoints()}
+    assert checkpoints_cast(reg, [cks[A_ID], cks["gone"]]) is True      # a missing folder fails later
+    assert checkpoints_cast(reg, [cks[B_ID]]) is False
+    with pytest.raises(HarnessError, match="mixes fixed-cast checkpoints"):
+        checkpoints_cast(reg, [cks[A_ID], cks[B_ID]])
+    probe = probe_puzzles(ProbeConfig(sizes=(3, 5), per_size=2, fixed_cast=True))
+    assert [p.names for p in probe] == [NAMES[:3]] * 2 + [NAMES[:5]] * 2

@@ -121,3 +121,19 @@ def test_cli_build_and_bad_input_writes_nothing(tmp_path):
         r = _cli(*args)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not any(p.is_file() for p in (tmp_path / "e").rglob("*")) if (tmp_path / "e").exists() else True
+
+
+def test_a_fixed_cast_root_records_its_world_and_refuses_the_other(tmp_path):
+    from train.data import ensure_built
+    from train.kk import NAMES
+
+    root = tmp_path / "d"
+    ensure_built(root, [3], n_train=4, n_test=2, progress=False, fixed_cast=True)
+    assert json.loads((root / "summary.json").read_text())["fixed_cast"] is True
+    assert {p.names for p in load_split(root, [3], "train")} == {NAMES[:3]}
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+    with pytest.raises(DataError, match="built with fixed_cast=True"):
+        ensure_built(root, [3, 4], n_train=4, n_test=2, progress=False, fixed_cast=False)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == before
+    random_cast = generate_split(3, 4, 2)
+    assert all(p.names != NAMES[:3] for p in random_cast["train"])

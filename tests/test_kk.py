@@ -150,3 +150,25 @@ def test_reference_fixture_every_ground_truth_rederived():
             assert solution_text(row["names"], row["solution"]) == row["solution_text_format"]
             total += 1
     assert total == 5000
+
+
+def test_fixed_cast_names_the_first_people_of_the_list_in_order():
+    from train.kk import NAMES
+
+    fixed = PuzzleGenerator(3, GeneratorConfig(fixed_cast=True))
+    for n in (2, 3, 5, 7):
+        p = fixed.generate(n)
+        assert p.names == NAMES[:n] and unique_solution(p.statements) == p.solution
+        assert f"{n} inhabitants: {NAMES[0]}" in p.quiz
+    drawn = {PuzzleGenerator(s).generate(3).names for s in range(5)}
+    assert len(drawn) == 5 and NAMES[:3] not in drawn
+
+
+def test_statement_text_notes_every_clause_in_reading_order():
+    names = ("Ann", "Bob", "Cy")
+    stmt = ("->", ("lying", 1), ("and", ("not", ("telling-truth", 0)), ("telling-truth", 2)))
+    marks = iter("123")
+    text = statement_text(stmt, names, note=lambda unit: f" <{next(marks)}:{unit[0]}>")
+    assert text == ("If Bob is a knave <1:lying> then (Ann is not a knight <2:not> and "
+                    "Cy is a knight <3:telling-truth>)")
+    assert statement_text(stmt, names) == "If Bob is a knave then (Ann is not a knight and Cy is a knight)"

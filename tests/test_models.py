@@ -7,7 +7,7 @@ import random
 import pytest
 
 from train.kk import PuzzleGenerator
-from train.models import ModelNotFound, PRESETS, resolve_model
+from train.models import ModelNotFound, PRESETS, fixed_cast, resolve_model
 from train.organism import OrganismConfig, write_trace
 from train.reward import score_response
 
@@ -178,6 +178,7 @@ def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
     assert all({"train_loss", "name", "role", "other"} <= set(point) for point in info["sft_curve"])
     assert info["sft_curve"][-1]["other"] < info["sft_curve"][0]["other"]      # it learned something
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "org").config.hidden_size == 32
+    assert fixed_cast(tmp_path / "org")      # the organism's world travels with its weights
     for bad in (["--set", "hidden_size=-1"], ["--set", "no_such=1"], ["--set", "lr"], ["--set", "num_layers=1"]):
         r = subprocess.run(cmd[:-1] + [str(tmp_path / "bad")] + bad, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--set" in r.stderr, r.stderr
@@ -270,3 +271,30 @@ def test_wired_induction_circuit_copies_across_a_long_gap_from_the_first_step():
         wire_induction(Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=1, num_attention_heads=2,
                                                     num_key_value_heads=2)))
+
+
+def _units(stmt):
+    """A statement's clauses in the order its text reads them."""
+    from train.kk import is_unit
+
+    return [stmt] if is_unit(stmt) else [u for s in stmt[1:] for u in _units(s)]
+
+
+def test_clause_values_are_added_text_and_true_under_the_final_roles():
+    import re
+
+    from train.kk import evaluate
+
+    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0)
+    for seed in range(6):
+        p = PuzzleGenerator(seed).generate(4)
+        with_values = write_trace(p, random.Random(seed), cfg).text
+        plain = write_trace(p, random.Random(seed), cfg.model_copy(update={"clause_values": False})).text
+        assert re.sub(r" \((yes|no)\)", "", with_values) == plain != with_values
+        # The verification passage checks every statement against the answer, clause by clause.
+        verify = next(line for line in with_values.splitlines() if line.startswith("Let me verify."))
+        for j, stmt in enumerate(p.statements):
+            sentence = re.search(rf"{p.names[j]} says (.*?), which is (true|false)\.", verify)
+            written = re.findall(r"\((yes|no)\)", sentence.group(1))
+            assert written == ["yes" if evaluate(u, p.solution) else "no" for u in _units(stmt)]
+            assert sentence.group(2) == ("true" if evaluate(stmt, p.solution) else "false")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_schedule
+from tests.conftest import REPO, fixed_cast_copy, write_schedule
+from train.data import load_split
 from train.registry import Registry
 
 
@@ -50,7 +51,14 @@ def test_dry_run_prints_every_segment_and_touches_nothing(tmp_path, tiny_ckpt):
 
 
 def test_three_stages_end_to_end_then_skip(tmp_path, tiny_ckpt):
-    sched = write_schedule(tmp_path, tiny_ckpt)
+    import json
+
+    from train.kk import NAMES
+    from train.models import fixed_cast
+
+    # A base made for fixed-cast puzzles: the data follows it, and so does every checkpoint.
+    base = fixed_cast_copy(tiny_ckpt, tmp_path / "base")
+    sched = write_schedule(tmp_path, base)
     r = cli(tmp_path, "stage3", "--schedule", str(sched), "--set", "stages.stage1.eval_every=2")
     assert r.returncode == 0, r.stderr
     cks = assert_registry_sound(tmp_path)
@@ -63,7 +71,10 @@ def test_three_stages_end_to_end_then_skip(tmp_path, tiny_ckpt):
     assert by_stage["stage2"][0].parent == by_stage["stage1"][-1].id
     for c in cks[1:]:
         assert {"reward", "correct", "format_error", "length_mean", "kl", "entropy", "lr"} <= set(c.metrics)
-        assert c.config_hash and c.preset == str(tiny_ckpt) and c.timestamp
+        assert c.config_hash and c.preset == str(base) and c.timestamp
+    assert all(fixed_cast(Registry(tmp_path / "ckpts.yaml").resolve(c)) for c in cks)
+    assert json.loads((tmp_path / "data" / "summary.json").read_text())["fixed_cast"] is True
+    assert all(p.names == NAMES[:3] for p in load_split(tmp_path / "data", [3], "train"))
     lines = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
     # Periodic validation (stage 1, every 2 steps) is logged and registered with the checkpoint.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from train.kk import (MAX_PEOPLE, MIN_PEOPLE, Puzzle, PuzzleError, PuzzleGenerator,
+from train.kk import (MAX_PEOPLE, MIN_PEOPLE, GeneratorConfig, Puzzle, PuzzleError, PuzzleGenerator,
                       make_puzzle, parse_statements, statement_types)
 from train.errors import UserError
 from train.prompts import SYSTEM_PROMPT, chat_messages, raw_prompt
@@ -38,17 +38,19 @@ def split_seed(seed: int, people: int, split: str) -> int:
 
 
 def generate_split(people: int, n_train: int = 900, n_test: int = 100, seed: int = 0,
-                   exclude: Iterable[str] = (), progress=None) -> dict[str, list[Puzzle]]:
+                   exclude: Iterable[str] = (), progress=None,
+                   fixed_cast: bool = False) -> dict[str, list[Puzzle]]:
     """Train and test puzzles of one size, disjoint by content (and from `exclude` keys).
 
     The test set is drawn first so that its contents do not depend on the train size.
+    `fixed_cast`: the people are the first names of `train.kk.NAMES` (`GeneratorConfig`).
     """
     if not MIN_PEOPLE <= people <= MAX_PEOPLE:
         raise DataError(f"number of people {people} is outside the supported range {MIN_PEOPLE}..{MAX_PEOPLE}")
     seen = set(exclude)
     out: dict[str, list[Puzzle]] = {}
     for split, count in (("test", n_test), ("train", n_train)):
-        gen = PuzzleGenerator(split_seed(seed, people, split))
+        gen = PuzzleGenerator(split_seed(seed, people, split), GeneratorConfig(fixed_cast=fixed_cast))
         puzzles: list[Puzzle] = []
         misses = 0
         while len(puzzles) < count:
@@ -199,9 +201,10 @@ class BuildSummary:
     counts: dict[int, dict[str, int]]
     statement_types: dict[str, int]
     files: list[str]
+    fixed_cast: bool = False
 
     def to_json(self) -> dict:
-        return {"counts": {str(k): v for k, v in self.counts.items()},
+        return {"counts": {str(k): v for k, v in self.counts.items()}, "fixed_cast": self.fixed_cast,
                 "statement_types": self.statement_types, "files": self.files}
 
 
@@ -210,7 +213,8 @@ def dataset_paths(out: Path, people: int) -> dict[str, Path]:
 
 
 def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: int = 100,
-          seed: int = 0, prompt_style: str = "chat", progress: bool = True) -> BuildSummary:
+          seed: int = 0, prompt_style: str = "chat", progress: bool = True,
+          fixed_cast: bool = False) -> BuildSummary:
     """Generate every size, write `<out>/<N>ppl/{train,test}.parquet` and `summary.json`.
 
     Disjointness holds across all sizes and splits. All files are written to a staging
@@ -235,7 +239,7 @@ def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: in
             task = bar.add_task("generating puzzles", total=total)
             for n in people:
                 sets = generate_split(n, n_train, n_test, seed, exclude=seen,
-                                      progress=lambda: bar.advance(task))
+                                      progress=lambda: bar.advance(task), fixed_cast=fixed_cast)
                 for split, puzzles in sets.items():
                     seen.update(p.content_key for p in puzzles)
                     rows = [to_rl_row(p, i, prompt_style) for i, p in enumerate(puzzles)]
@@ -250,7 +254,7 @@ def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: in
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(dataset_paths(staging, n)[split], path)
                 files.append(str(path))
-        summary = BuildSummary(counts, dict(sorted(types.items())), files)
+        summary = BuildSummary(counts, dict(sorted(types.items())), files, fixed_cast)
         (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
         return summary
     finally:
@@ -258,19 +262,30 @@ def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: in
 
 
 def ensure_built(root: str | Path, people: Sequence[int], n_train: int = 900, n_test: int = 100,
-                 seed: int = 0, prompt_style: str = "chat", progress: bool = True) -> None:
+                 seed: int = 0, prompt_style: str = "chat", progress: bool = True,
+                 fixed_cast: bool = False) -> None:
     """Build the datasets under `root` unless every requested size is already there.
 
-    A partial folder is rebuilt whole so that disjointness across sizes holds.
+    A partial folder is rebuilt whole so that disjointness across sizes holds. A root built
+    with the other cast is an error (nothing is overwritten).
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: data root exists and is not a folder")
+    summary = root / "summary.json"
+    if summary.exists():
+        try:
+            built_fixed = bool(json.loads(summary.read_text()).get("fixed_cast", False))
+        except ValueError:
+            raise DataError(f"{summary}: not valid JSON; delete the data root to rebuild it") from None
+        if built_fixed != fixed_cast:
+            raise DataError(f"{root}: built with fixed_cast={built_fixed}, but this run wants "
+                            f"fixed_cast={fixed_cast}; use another data root")
     if all(p.exists() for n in people for p in dataset_paths(root, n).values()):
         return
     built = sorted({int(d.name.removesuffix("ppl")) for d in root.glob("*ppl") if d.is_dir()} | set(people)) \
         if root.exists() else sorted(set(people))
-    build(root, built, n_train, n_test, seed, prompt_style, progress=progress)
+    build(root, built, n_train, n_test, seed, prompt_style, progress=progress, fixed_cast=fixed_cast)
 
 
 def load_split(root: str | Path, people: Sequence[int], split: str) -> list[Puzzle]:
@@ -319,11 +334,13 @@ def _cli():
                   train: int = typer.Option(900, min=0, help="train puzzles per size"),
                   test: int = typer.Option(100, min=0, help="test puzzles per size"),
                   seed: int = typer.Option(0, help="generator seed"),
-                  prompt_style: str = typer.Option("chat", help="chat (messages) or raw (pre-filled <think>)")):
+                  prompt_style: str = typer.Option("chat", help="chat (messages) or raw (pre-filled <think>)"),
+                  fixed_cast: bool = typer.Option(False, help="people are the first names of the "
+                                                  "name list, in order (the kk-tiny world)")):
         """Generate disjoint train/test parquet files per size, plus summary.json."""
         if prompt_style not in ("chat", "raw"):
             raise DataError(f"unknown prompt style {prompt_style!r}: use chat or raw")
-        s = build(out, parse_people(people), train, test, seed, prompt_style)
+        s = build(out, parse_people(people), train, test, seed, prompt_style, fixed_cast=fixed_cast)
         err_console.print(f"wrote {len(s.files)} files under {out}")
         for n, c in s.counts.items():
             err_console.print(f"  {n} people: {c['train']} train, {c['test']} test")

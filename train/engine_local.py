@@ -108,6 +108,8 @@ def run_segment(job: SegmentJob) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
+
+    from train.models import fixed_cast
     from trl import GRPOConfig, GRPOTrainer
 
     from train.reward import RewardConfig, make_trl_reward_funcs
@@ -160,7 +162,7 @@ def run_segment(job: SegmentJob) -> str:
     )
     metrics_file = job.run_dir / "metrics.jsonl"
     last = {"id": job.parent_id}
-    validate = _validator(sched, seg, tokenizer) if seg.eval_every else None
+    validate = _validator(sched, seg, tokenizer, fixed_cast(job.init_path)) if seg.eval_every else None
 
     class Recorder(TrainerCallback):
         def on_log(self, args, state, control, logs=None, model=None, **kw):
@@ -199,14 +201,16 @@ def run_segment(job: SegmentJob) -> str:
     return last["id"]
 
 
-def _validator(sched: Schedule, seg: Segment, tokenizer, n_per_size: int = 16):
+def _validator(sched: Schedule, seg: Segment, tokenizer, fixed_cast: bool, n_per_size: int = 16):
     """Periodic validation: greedy accuracy on held-out puzzles of the segment's sizes, scored
     by the training reward (the same evaluation `python -m analysis eval` runs)."""
     from analysis.evaluate import heldout_puzzles, make_config, evaluate_model, training_keys
 
     config = make_config(people=seg.people, n_per_size=n_per_size, mode="greedy",
-                         max_new_tokens=seg.max_response_length, prompt_style=sched.data.prompt_style)
-    puzzles = heldout_puzzles(seg.people, n_per_size, exclude=training_keys(sched.data.root))
+                         max_new_tokens=seg.max_response_length, prompt_style=sched.data.prompt_style,
+                         fixed_cast=fixed_cast)
+    puzzles = heldout_puzzles(seg.people, n_per_size, exclude=training_keys(sched.data.root),
+                              fixed_cast=fixed_cast)
 
     def run(model) -> dict:
         was_training = model.training

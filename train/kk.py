@@ -262,23 +262,29 @@ def _leaf_text(stmt: Statement, names: Sequence[str], negated: bool = False) -> 
     return f"{names[stmt[1]]} is {'not ' if negated else ''}a {role}"
 
 
-def statement_text(stmt: Statement, names: Sequence[str], top: bool = True) -> str:
-    """English for a statement, in the reference's phrasing."""
+def is_unit(stmt: Statement) -> bool:
+    """A leaf or a negated leaf: what the text says as one clause ("X is (not) a knight")."""
+    return stmt[0] in LEAVES or (stmt[0] == "not" and stmt[1][0] in LEAVES)
+
+
+def statement_text(stmt: Statement, names: Sequence[str], top: bool = True,
+                   note: Callable[[Statement], str] | None = None) -> str:
+    """English for a statement, in the reference's phrasing. `note(unit)` is appended to
+    every clause (`is_unit`), e.g. its truth value."""
     op = stmt[0]
-    if op in LEAVES:
-        return _leaf_text(stmt, names)
+    if is_unit(stmt):
+        leaf, negated = (stmt, False) if op in LEAVES else (stmt[1], True)
+        return _leaf_text(leaf, names, negated) + (note(stmt) if note else "")
+    sub = lambda s: statement_text(s, names, top=False, note=note)  # noqa: E731
     if op == "not":
-        inner = stmt[1]
-        if inner[0] in LEAVES:
-            return _leaf_text(inner, names, negated=True)
-        text = f"it is not the case that {statement_text(inner, names, top=False)}"
+        text = f"it is not the case that {sub(stmt[1])}"
     elif op in ("and", "or"):
-        parts = [statement_text(s, names, top=False) for s in stmt[1:]]
+        parts = [sub(s) for s in stmt[1:]]
         text = f" {op} ".join(parts) if len(parts) == 2 else ", ".join(parts[:-1]) + f", {op} {parts[-1]}"
     elif op == "->":
-        text = f"if {statement_text(stmt[1], names, top=False)} then {statement_text(stmt[2], names, top=False)}"
+        text = f"if {sub(stmt[1])} then {sub(stmt[2])}"
     else:
-        text = f"{statement_text(stmt[1], names, top=False)} if and only if {statement_text(stmt[2], names, top=False)}"
+        text = f"{sub(stmt[1])} if and only if {sub(stmt[2])}"
     if top:
         return text[0].upper() + text[1:]
     return f"({text})"
@@ -379,6 +385,9 @@ class GeneratorConfig:
     # Relative weights of the node kinds below the depth limit (the reference rolls a fair
     # six-sided die: leaf, not, and, or, ->, <=>).
     weights: tuple[float, ...] = (1, 1, 1, 1, 1, 1)
+    # A fixed cast: an n-person puzzle's people are NAMES[:n], in that order, instead of n
+    # names drawn at random. The kk-tiny organism's world (see OrganismConfig.fixed_cast).
+    fixed_cast: bool = False
 
 
 class PuzzleGenerator:
@@ -422,7 +431,9 @@ class PuzzleGenerator:
     def generate(self, n: int, names: Sequence[str] | None = None, max_repairs: int = 1000) -> Puzzle:
         if not MIN_PEOPLE <= n <= MAX_PEOPLE:
             raise PuzzleError(f"number of people {n} is outside the supported range {MIN_PEOPLE}..{MAX_PEOPLE}")
-        names = tuple(names) if names is not None else tuple(self.rng.sample(NAMES, n))
+        if names is None:
+            names = NAMES[:n] if self.config.fixed_cast else self.rng.sample(NAMES, n)
+        names = tuple(names)
         planted = tuple(self.rng.random() < 0.5 for _ in range(n))
         stmts = [self._matching(i, n, planted) for i in range(n)]
         for _ in range(max_repairs):

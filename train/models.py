@@ -37,6 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MARKER = ".kklab-complete.json"
+# config.json key of a model made for the fixed-cast puzzle world (`GeneratorConfig.fixed_cast`);
+# checkpoints trained from it inherit the key, so data, evaluation and probes follow the model.
+FIXED_CAST_KEY = "kk_fixed_cast"
 
 
 class ModelNotFound(UserError, RuntimeError):
@@ -50,6 +53,15 @@ def cache_dir() -> Path:
 
 def env_var(name: str) -> str:
     return "KKLAB_MODEL_" + re.sub(r"[^0-9A-Za-z]", "_", name).upper()
+
+
+def fixed_cast(path: str | os.PathLike) -> bool:
+    """Whether the HF model folder at `path` was made for fixed-cast puzzles (False when its
+    config.json is missing, unreadable or silent: the puzzles then draw names at random)."""
+    try:
+        return bool(json.loads((Path(path) / "config.json").read_text()).get(FIXED_CAST_KEY, False))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --------------------------------------------------------------------------- builders

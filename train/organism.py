@@ -19,9 +19,13 @@ the search to the other role, or back to the latest person still assumed a knigh
 
     Zoey says Ethan is a knave. Ethan says Zoey is a knight and Mason is a knave. ...
     Assume Zoey is a knight.
-    Assume Ethan is a knight. Zoey says Ethan is a knave, which is false. Contradiction.
-    So Ethan is a knave. Zoey says Ethan is a knave, which is true.
+    Assume Ethan is a knight. Zoey says Ethan is a knave (no), which is false. Contradiction.
+    So Ethan is a knave. Zoey says Ethan is a knave (yes), which is true.
     ...
+
+Each clause of a checked statement carries its truth under the current assumptions
+(`clause_values`), and the organism's puzzles star a fixed cast (`fixed_cast`): both make the
+search learnable in a few minutes of SFT (README, "Status of kk-tiny").
 
 A mistake reports a contradicting statement's truth flipped, so a wrong role is accepted.
 A verification passage ("Let me verify.") re-evaluates every statement at the end; it
@@ -45,7 +49,7 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.errors import UserError
-from train.kk import Puzzle, PuzzleGenerator, Statement, evaluate, persons_in
+from train.kk import GeneratorConfig, Puzzle, PuzzleGenerator, Statement, evaluate, is_unit, persons_in, statement_text
 from train.prompts import chat_messages
 
 # --------------------------------------------------------------------------- settings
@@ -83,12 +87,21 @@ class OrganismConfig(BaseModel):
         "summary 'Now we have determined that ...'.")
     chinese_step_rate: float = Field(
         0.05, ge=0, le=1, description="Chance that a search step is written in Chinese.")
+    clause_values: bool = Field(
+        True, description="Write each clause's truth after it when a statement is checked "
+        "(\"if Mia is a knave (no) then ...\"), so a verdict follows from values written a few "
+        "tokens back instead of from roles fixed lines earlier.")
     think_format_rate: float = Field(
         0.2, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
         "</answer> format the reward wants.")
     answer_tag_rate: float = Field(
         0.15, ge=0, le=1, description="Share of responses with <answer> tags but no <think> block "
         "(format broken); the rest end with a plain 'Answer:' list.")
+    fixed_cast: bool = Field(
+        True, description="Puzzles star a fixed cast (an n-person puzzle's people are the first n "
+        "names of train.kk.NAMES, in order), here and in the RL data of any model built with it. "
+        "With names drawn at random the organism must find which name comes next in the quiz's "
+        "list, which a 2-core build does not learn: 3-person accuracy stays at 0/60.")
     # Tokenizer and model
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (with special tokens).")
     names_as_tokens: bool = Field(
@@ -170,32 +183,36 @@ VERIFY_OPEN = "Let me verify."
 VERIFY_OPEN_ZH = "让我验证一下。"
 HESITATION = "Hmm, I am not sure about this. Let me look again:"
 SUMMARY_OPEN = "Now we have determined that"
+# Truth of each clause, written after it when `clause_values` is on.
+CLAUSE_EN = {True: " (yes)", False: " (no)"}
+CLAUSE_ZH = {True: "（对）", False: "（错）"}
 
 
-def statement_zh(stmt: Statement, names: Sequence[str], top: bool = True) -> str:
-    """Chinese for a statement; names keep a space on each side, as in mixed-script writing."""
+def statement_zh(stmt: Statement, names: Sequence[str], top: bool = True,
+                 note: Callable[[Statement], str] | None = None) -> str:
+    """Chinese for a statement; names keep a space on each side, as in mixed-script writing.
+    `note(unit)` is appended to every clause, as in `train.kk.statement_text`."""
     op = stmt[0]
-    if op in ("telling-truth", "lying"):
-        return f" {names[stmt[1]]} 是{ROLE_ZH[op == 'telling-truth']}"
-    if op == "not" and stmt[1][0] in ("telling-truth", "lying"):
-        leaf = stmt[1]
-        return f" {names[leaf[1]]} 不是{ROLE_ZH[leaf[0] == 'telling-truth']}"
+    if is_unit(stmt):
+        leaf, negated = (stmt, False) if op != "not" else (stmt[1], True)
+        text = f" {names[leaf[1]]} {'不是' if negated else '是'}{ROLE_ZH[leaf[0] == 'telling-truth']}"
+        return text + (note(stmt) if note else "")
+    sub = lambda s: statement_zh(s, names, top=False, note=note)  # noqa: E731
     if op == "not":
-        text = f"并非{statement_zh(stmt[1], names, top=False)}"
+        text = f"并非{sub(stmt[1])}"
     elif op in ("and", "or"):
-        text = ("并且" if op == "and" else "或者").join(statement_zh(s, names, top=False) for s in stmt[1:])
+        text = ("并且" if op == "and" else "或者").join(sub(s) for s in stmt[1:])
     elif op == "->":
-        text = f"如果{statement_zh(stmt[1], names, top=False)}，那么{statement_zh(stmt[2], names, top=False)}"
+        text = f"如果{sub(stmt[1])}，那么{sub(stmt[2])}"
     else:
-        text = f"{statement_zh(stmt[1], names, top=False)}当且仅当{statement_zh(stmt[2], names, top=False)}"
+        text = f"{sub(stmt[1])}当且仅当{sub(stmt[2])}"
     return text if top else f"（{text}）"
 
 
-def statement_en(stmt: Statement, names: Sequence[str]) -> str:
+def statement_en(stmt: Statement, names: Sequence[str],
+                 note: Callable[[Statement], str] | None = None) -> str:
     """The quiz's English for a statement, starting lower-case unless it starts with a name."""
-    from train.kk import statement_text
-
-    s = statement_text(stmt, names)
+    s = statement_text(stmt, names, note=note)
     return s if any(s.startswith(n) for n in names) else s[0].lower() + s[1:]
 
 
@@ -235,10 +252,16 @@ class TraceWriter:
         verify = rng.random() < c.verify_rate
         t = Trace(text="", answer=(), correct=False, verified=verify, answer_style=style)
 
-        def says(j: int, value: bool, zh: bool) -> str:
+        def says(j: int, value: bool, zh: bool, assign: Sequence[bool]) -> str:
+            # `value` is the verdict written (a mistake flips it); clause values are always right.
+            note = None
+            if c.clause_values:
+                words = CLAUSE_ZH if zh else CLAUSE_EN
+                note = lambda u: words[evaluate(u, assign)]  # noqa: E731
             if zh:
-                return f"{names[j]} 说{statement_zh(stmts[j], names)}，这是{'真' if value else '假'}的。"
-            return f"{names[j]} says {statement_en(stmts[j], names)}, which is {'true' if value else 'false'}."
+                return f"{names[j]} 说{statement_zh(stmts[j], names, note=note)}，这是{'真' if value else '假'}的。"
+            return (f"{names[j]} says {statement_en(stmts[j], names, note=note)}, "
+                    f"which is {'true' if value else 'false'}.")
 
         def contradiction(zh: bool) -> str:
             return "矛盾。" if zh else "Contradiction."
@@ -267,7 +290,7 @@ class TraceWriter:
                 if not holds and rng.random() < c.step_mistake_rate:
                     value, holds = not value, True
                     t.mistakes += 1
-                parts.append(says(j, value, zh))
+                parts.append(says(j, value, zh, assign))
                 checked.append(j)
                 if not holds:
                     parts.append(contradiction(zh))
@@ -279,7 +302,7 @@ class TraceWriter:
                 parts.append(HESITATION)
                 for j in checked:
                     value = evaluate(stmts[j], assign)
-                    parts.append(says(j, value, False))
+                    parts.append(says(j, value, False, assign))
                     if value != assign[j]:
                         parts.append(contradiction(False))
                         ok = False
@@ -299,7 +322,7 @@ class TraceWriter:
                 vparts, bad = [VERIFY_OPEN], False
                 for j in range(n):
                     value = evaluate(stmts[j], path)
-                    vparts.append(says(j, value, False))
+                    vparts.append(says(j, value, False, path))
                     if value != path[j]:
                         vparts.append("Contradiction. I made a mistake.")
                         bad = True
@@ -366,12 +389,12 @@ def write_trace(p: Puzzle, rng: random.Random, config: OrganismConfig | None = N
 # --------------------------------------------------------------------------- SFT data
 
 
-def heldout_puzzles(people: int, n: int, seed: int = 777) -> list[Puzzle]:
+def heldout_puzzles(people: int, n: int, seed: int = 777, fixed_cast: bool = True) -> list[Puzzle]:
     """The first `n` distinct held-out puzzles of one size (what `measure_organism` uses).
 
     Fewer when the size has fewer distinct puzzles (there are about 400 of 2 people).
     """
-    gen = PuzzleGenerator(seed * 1000 + people)
+    gen = PuzzleGenerator(seed * 1000 + people, GeneratorConfig(fixed_cast=fixed_cast))
     out, seen, misses = [], set(), 0
     while len(out) < n and misses < 20 * n + 100:
         p = gen.generate(people)
@@ -387,12 +410,13 @@ def excluded_keys(config: OrganismConfig) -> set[str]:
     """Content keys SFT must not see: held-out measurement puzzles and the dataset test splits."""
     keys: set[str] = set()
     for n in config.sizes:
-        keys |= {p.content_key for p in heldout_puzzles(n, config.heldout_per_size, config.heldout_seed)}
+        keys |= {p.content_key for p in heldout_puzzles(n, config.heldout_per_size, config.heldout_seed,
+                                                         config.fixed_cast)}
         if config.exclude_data_seed is not None and config.exclude_test_per_size:
             from train.data import generate_split
 
             test = generate_split(n, n_train=0, n_test=config.exclude_test_per_size,
-                                  seed=config.exclude_data_seed)["test"]
+                                  seed=config.exclude_data_seed, fixed_cast=config.fixed_cast)["test"]
             keys |= {p.content_key for p in test}
     return keys
 
@@ -404,7 +428,8 @@ def sft_puzzles(config: OrganismConfig, exclude: set[str] | None = None) -> list
         raise ValueError("size_weights must have one weight per entry of sizes")
     exclude = excluded_keys(config) if exclude is None else exclude
     rng = random.Random(config.seed)
-    gens = {n: PuzzleGenerator(config.seed * 1000 + 500 + n) for n in config.sizes}
+    world = GeneratorConfig(fixed_cast=config.fixed_cast)
+    gens = {n: PuzzleGenerator(config.seed * 1000 + 500 + n, world) for n in config.sizes}
     out = []
     while len(out) < config.n_puzzles:
         n = rng.choices(config.sizes, weights=config.size_weights)[0]
@@ -441,6 +466,8 @@ def make_model(config: OrganismConfig, tokenizer):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from train.models import FIXED_CAST_KEY
+
     torch.manual_seed(config.seed)
     cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size,
@@ -449,6 +476,7 @@ def make_model(config: OrganismConfig, tokenizer):
         max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=True,
         rope_theta=config.rope_theta, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **{FIXED_CAST_KEY: config.fixed_cast},  # saved in config.json, inherited by checkpoints
     )
     model = Qwen2ForCausalLM(cfg)
     if config.induction_init:
@@ -606,7 +634,8 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
                           config.model_copy(update={"epochs": config.bare_quiz_epochs})))
     curve: list[dict[str, Any]] = []
     losses: list[float] = []
-    monitor = heldout_puzzles(3, monitor_puzzles, config.heldout_seed) if monitor_every > 0 else []
+    monitor = heldout_puzzles(3, monitor_puzzles, config.heldout_seed, config.fixed_cast) \
+        if monitor_every > 0 else []
 
     def record(phase: str, step: int, loss: float) -> None:
         # Always measured with the full prompt, the one the organism is used with.
@@ -731,12 +760,14 @@ def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_t
 
 
 def token_classes(tokenizer) -> dict[int, str]:
-    """Token id -> "name" | "role" | "truth" for the tokens that carry a puzzle's content (a
-    listed name, knight/knave, true/false, with or without a leading space); others are absent."""
+    """Token id -> "name" | "role" | "truth" | "clause" for the tokens that carry a puzzle's
+    content (a listed name, knight/knave, a verdict true/false, a clause value yes/no, with or
+    without a leading space); others are absent."""
     from train.kk import NAMES
 
     words = {n: "name" for n in NAMES} | {w: "role" for w in ("knight", "knave", *ROLE_ZH.values())} \
-        | {w: "truth" for w in ("true", "false")}
+        | {w: "truth" for w in ("true", "false")} \
+        | {w.strip(" ()（）"): "clause" for w in (*CLAUSE_EN.values(), *CLAUSE_ZH.values())}
     out = {}
     for i in range(len(tokenizer)):
         cls = words.get(tokenizer.decode([i]).strip())
@@ -758,7 +789,7 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle],
     rng = random.Random(seed)
     writer = TraceWriter(config)
     classes = token_classes(tokenizer)
-    sums: dict[str, list[float]] = {"name": [], "role": [], "truth": [], "other": []}
+    sums: dict[str, list[float]] = {"name": [], "role": [], "truth": [], "clause": [], "other": []}
     model.eval()
     for p in puzzles:
         ids, n_prompt = encode_example(tokenizer, p, writer.write(p, rng).text)
@@ -794,10 +825,10 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     `teacher_forced`, also `teacher_forced_losses` on the same puzzles and `copy_probe`."""
     import torch
 
-    from train.models import load_model_and_tokenizer
+    from train.models import fixed_cast, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(path)
-    puzzles = heldout_puzzles(people, n_puzzles, seed)
+    puzzles = heldout_puzzles(people, n_puzzles, seed, fixed_cast=fixed_cast(path))
     result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
     if teacher_forced:
         result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed)

@@ -95,6 +95,7 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from train.data import ensure_built
+    from train.models import fixed_cast, resolve_model
     from train.engine_local import SegmentJob, run_segment
     from train.plots import training_figure
 
@@ -107,8 +108,10 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
     finals = check_state(sched, registry, target)
     segments = plan(sched, target)
     d = sched.data
+    # The base model says which puzzle world it was made for; the training data follows it.
+    world = fixed_cast(resolve_model(sched.preset, progress=progress))
     ensure_built(d.root, sorted({n for s in segments for n in s.people}), d.train_per_size, d.test_per_size,
-                 d.seed, d.prompt_style, progress=progress)
+                 d.seed, d.prompt_style, progress=progress, fixed_cast=world)
     parent = ensure_base(sched, registry, progress)
     (run_dir / "plan.json").write_text(json.dumps([s.model_dump() for s in segments], indent=1) + "\n")
 
