@@ -69,7 +69,7 @@ class ProbeConfig:
     sizes: tuple[int, ...] = (3, 4, 5, 6, 7)
     per_size: int = 8
     seed: int = EVAL_SEED
-    fixed_cast: bool = False   # the checkpoints' puzzle world (`probe_config` reads it from them)
+    fixed_cast: bool = False   # the checkpoints' puzzle world (the CLIs read it: `checkpoints_cast`)
 
     def params(self) -> dict:
         return {"sizes": list(self.sizes), "per_size": self.per_size, "seed": self.seed,
