@@ -298,3 +298,13 @@ def test_clause_values_are_added_text_and_true_under_the_final_roles():
             written = re.findall(r"\((yes|no)\)", sentence.group(1))
             assert written == ["yes" if evaluate(u, p.solution) else "no" for u in _units(stmt)]
             assert sentence.group(2) == ("true" if evaluate(stmt, p.solution) else "false")
+
+
+def test_organism_config_round_trips_through_json():
+    import json
+
+    # organism.json and the cache fingerprint both serialise the config; a default that is not
+    # a plain value (e.g. a Field(...) with a trailing comma) would only fail at the end of a build.
+    cfg = OrganismConfig()
+    assert OrganismConfig(**json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg
+    assert all(type(getattr(cfg, k)).__module__ == "builtins" for k in OrganismConfig.model_fields)
