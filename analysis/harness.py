@@ -161,8 +161,8 @@ def checkpoints_cast(registry: Registry, checkpoints: Sequence[Checkpoint]) -> b
     fail on their own; checkpoints of both worlds together are an error."""
     from train.models import fixed_cast
 
-    worlds = {ck.id: fixed_cast(registry.resolve(ck)) for ck in checkpoints
-              if (registry.resolve(ck) / "config.json").is_file()}
+    paths = {ck.id: registry.resolve(ck) for ck in checkpoints}
+    worlds = {k: fixed_cast(p) for k, p in paths.items() if (p / "config.json").is_file()}
     if len(set(worlds.values())) > 1:
         fixed = [k for k, v in worlds.items() if v]
         other = [k for k, v in worlds.items() if not v]

@@ -29,16 +29,6 @@ from __future__ import annotations
 import math
 
 
-def rope_frequencies(model):
-    """Per-pair RoPE angular frequencies (radians per position) of `model`'s attention heads."""
-    import torch
-
-    cfg = model.config
-    d = model.model.layers[0].self_attn.head_dim
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or cfg.rope_theta
-    return 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
-
-
 def check_geometry(hidden: int, heads: int, layers: int) -> str | None:
     """Why a Qwen2 of this shape cannot hold the circuit, or None when it can."""
     d = hidden // heads
@@ -71,7 +61,7 @@ def wire_induction(model, *, seed: int = 0, fast_pairs: int | None = None, slow_
     slow_from = pairs // 2 if slow_from is None else slow_from
     if not 0 < fast_pairs <= slow_from < pairs:
         raise ValueError(f"need 0 < fast_pairs <= slow_from < {pairs}")
-    freq = rope_frequencies(model)
+    freq = model.model.rotary_emb.inv_freq.float()   # RoPE radians per position, per pair
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         emb = model.model.embed_tokens.weight

@@ -108,10 +108,9 @@ def run_segment(job: SegmentJob) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
-
-    from train.models import fixed_cast
     from trl import GRPOConfig, GRPOTrainer
 
+    from train.models import fixed_cast
     from train.reward import RewardConfig, make_trl_reward_funcs
 
     hf_logging.disable_progress_bar()  # weight load/save bars would drown the step lines
@@ -204,13 +203,12 @@ def run_segment(job: SegmentJob) -> str:
 def _validator(sched: Schedule, seg: Segment, tokenizer, fixed_cast: bool, n_per_size: int = 16):
     """Periodic validation: greedy accuracy on held-out puzzles of the segment's sizes, scored
     by the training reward (the same evaluation `python -m analysis eval` runs)."""
-    from analysis.evaluate import heldout_puzzles, make_config, evaluate_model, training_keys
+    from analysis.evaluate import eval_puzzles, evaluate_model, make_config
 
     config = make_config(people=seg.people, n_per_size=n_per_size, mode="greedy",
                          max_new_tokens=seg.max_response_length, prompt_style=sched.data.prompt_style,
-                         fixed_cast=fixed_cast)
-    puzzles = heldout_puzzles(seg.people, n_per_size, exclude=training_keys(sched.data.root),
-                              fixed_cast=fixed_cast)
+                         train_data=sched.data.root, fixed_cast=fixed_cast)
+    puzzles = eval_puzzles(config)
 
     def run(model) -> dict:
         was_training = model.training

@@ -267,13 +267,18 @@ def is_unit(stmt: Statement) -> bool:
     return stmt[0] in LEAVES or (stmt[0] == "not" and stmt[1][0] in LEAVES)
 
 
+def unit_parts(unit: Statement) -> tuple[Statement, bool]:
+    """(leaf, negated) of a clause (`is_unit`)."""
+    return (unit[1], True) if unit[0] == "not" else (unit, False)
+
+
 def statement_text(stmt: Statement, names: Sequence[str], top: bool = True,
                    note: Callable[[Statement], str] | None = None) -> str:
     """English for a statement, in the reference's phrasing. `note(unit)` is appended to
     every clause (`is_unit`), e.g. its truth value."""
     op = stmt[0]
     if is_unit(stmt):
-        leaf, negated = (stmt, False) if op in LEAVES else (stmt[1], True)
+        leaf, negated = unit_parts(stmt)
         return _leaf_text(leaf, names, negated) + (note(stmt) if note else "")
     sub = lambda s: statement_text(s, names, top=False, note=note)  # noqa: E731
     if op == "not":

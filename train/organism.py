@@ -49,7 +49,8 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.errors import UserError
-from train.kk import GeneratorConfig, Puzzle, PuzzleGenerator, Statement, evaluate, is_unit, persons_in, statement_text
+from train.kk import (GeneratorConfig, Puzzle, PuzzleGenerator, Statement, evaluate, is_unit, persons_in,
+                      statement_text, unit_parts)
 from train.prompts import chat_messages
 
 # --------------------------------------------------------------------------- settings
@@ -194,7 +195,7 @@ def statement_zh(stmt: Statement, names: Sequence[str], top: bool = True,
     `note(unit)` is appended to every clause, as in `train.kk.statement_text`."""
     op = stmt[0]
     if is_unit(stmt):
-        leaf, negated = (stmt, False) if op != "not" else (stmt[1], True)
+        leaf, negated = unit_parts(stmt)
         text = f" {names[leaf[1]]} {'不是' if negated else '是'}{ROLE_ZH[leaf[0] == 'telling-truth']}"
         return text + (note(stmt) if note else "")
     sub = lambda s: statement_zh(s, names, top=False, note=note)  # noqa: E731

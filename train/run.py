@@ -31,10 +31,12 @@ def base_id(run: str) -> str:
     return f"{run}/base"
 
 
-def ensure_base(sched: Schedule, registry: Registry, progress: bool = True) -> Checkpoint:
+def ensure_base(sched: Schedule, registry: Registry, progress: bool = True,
+                path: Path | None = None) -> Checkpoint:
+    """Register the preset's model (at `path` when the caller has resolved it) as the run's base."""
     from train.models import resolve_model
 
-    path = resolve_model(sched.preset, progress=progress)
+    path = path or resolve_model(sched.preset, progress=progress)
     return registry.add(Checkpoint(id=base_id(sched.run), path=str(path), run=sched.run, stage="base",
                                    global_step=0, preset=sched.preset, engine="base"))
 
@@ -109,10 +111,10 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
     segments = plan(sched, target)
     d = sched.data
     # The base model says which puzzle world it was made for; the training data follows it.
-    world = fixed_cast(resolve_model(sched.preset, progress=progress))
+    base_path = resolve_model(sched.preset, progress=progress)
     ensure_built(d.root, sorted({n for s in segments for n in s.people}), d.train_per_size, d.test_per_size,
-                 d.seed, d.prompt_style, progress=progress, fixed_cast=world)
-    parent = ensure_base(sched, registry, progress)
+                 d.seed, d.prompt_style, progress=progress, fixed_cast=fixed_cast(base_path))
+    parent = ensure_base(sched, registry, path=base_path)
     (run_dir / "plan.json").write_text(json.dumps([s.model_dump() for s in segments], indent=1) + "\n")
 
     cks = registry.checkpoints()
