@@ -204,6 +204,9 @@ def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt)
     puzzles = heldout_puzzles(3, 3)
     result = teacher_forced_losses(model, tok, puzzles, seed=4)
     assert {"name", "role", "other"} <= set(result)
+    # Measured on traces in the organism's own style: role notes lengthen them.
+    annotated = teacher_forced_losses(model, tok, puzzles, seed=4, config=OrganismConfig(role_notes=True))
+    assert sum(v["tokens"] for v in annotated.values()) > sum(v["tokens"] for v in result.values())
     # The classes partition the response tokens: their weighted mean is the plain SFT loss.
     writer, rng = TraceWriter(OrganismConfig(seed=4, step_mistake_rate=0.0)), random.Random(4)
     total, count = 0.0, 0
@@ -280,25 +283,52 @@ def _units(stmt):
     return [stmt] if is_unit(stmt) else [u for s in stmt[1:] for u in _units(s)]
 
 
-def test_clause_values_are_added_text_and_true_under_the_final_roles():
+def test_clause_values_and_role_notes_are_added_text_and_true_under_the_final_roles():
     import re
 
     from train.kk import evaluate
 
-    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0)
+    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0, role_notes=True)
     for seed in range(6):
         p = PuzzleGenerator(seed).generate(4)
-        with_values = write_trace(p, random.Random(seed), cfg).text
-        plain = write_trace(p, random.Random(seed), cfg.model_copy(update={"clause_values": False})).text
-        assert re.sub(r" \((yes|no)\)", "", with_values) == plain != with_values
-        # The verification passage checks every statement against the answer, clause by clause.
-        verify = next(line for line in with_values.splitlines() if line.startswith("Let me verify."))
+        annotated = write_trace(p, random.Random(seed), cfg).text
+        plain = write_trace(p, random.Random(seed),
+                            cfg.model_copy(update={"clause_values": False, "role_notes": False})).text
+        assert re.sub(r" \((yes|no|knight|knave)\)", "", annotated) == plain != annotated
+        # The verification passage checks every statement against the answer, clause by clause,
+        # and names everyone with their role in the answer.
+        verify = next(line for line in annotated.splitlines() if line.startswith("Let me verify."))
+        roles = {nm: "knight" if r else "knave" for nm, r in zip(p.names, p.solution)}
+        assert re.findall(r"(\w+) \((knight|knave)\)", verify) and all(
+            roles[nm] == role for nm, role in re.findall(r"(\w+) \((knight|knave)\)", verify))
         for j, stmt in enumerate(p.statements):
-            sentence = re.search(rf"{p.names[j]} says (.*?), which is (true|false)\.", verify)
+            sentence = re.search(rf"{p.names[j]} \({roles[p.names[j]]}\) says (.*?), which is (true|false)\.", verify)
             written = re.findall(r"\((yes|no)\)", sentence.group(1))
             assert written == ["yes" if evaluate(u, p.solution) else "no" for u in _units(stmt)]
             assert sentence.group(2) == ("true" if evaluate(stmt, p.solution) else "false")
 
+
+def test_role_notes_follow_the_search():
+    """In every step of a trace, the role written after a name is the one its head assumed
+    (or an earlier step kept): the latest role-bearing mention of a name tells its role now."""
+    import re
+
+    cfg = OrganismConfig(step_mistake_rate=0.3, chinese_step_rate=0.0, hesitation_rate=0.2, role_notes=True)
+    mention = re.compile(r"(?:Assume (\w+) is a (knight)\.|So (\w+) is a (knave)\.|(\w+) \((knight|knave)\))")
+    checked = 0
+    for seed in range(20):
+        p = PuzzleGenerator(seed).generate(4)
+        lines = write_trace(p, random.Random(seed), cfg).text.splitlines()
+        body = "\n".join(lines[next(i for i, ln in enumerate(lines) if " says " in ln) + 1:])  # after the restatement
+        current: dict[str, str] = {}
+        for m in mention.finditer(body):
+            name, role = next((g, m.group(i + 1)) for i, g in enumerate(m.groups()) if i % 2 == 0 and g)
+            if m.group(0).startswith(("Assume", "So ")):
+                current[name] = role
+            else:
+                assert current.get(name) == role, (p.id, m.group(0))
+                checked += 1
+    assert checked > 100
 
 def test_organism_config_round_trips_through_json():
     import json

@@ -92,6 +92,13 @@ class OrganismConfig(BaseModel):
         True, description="Write each clause's truth after it when a statement is checked "
         "(\"if Mia is a knave (no) then ...\"), so a verdict follows from values written a few "
         "tokens back instead of from roles fixed lines earlier.")
+    role_notes: bool = Field(
+        False, description="Every person named in a checked statement carries the role assumed "
+        "for them: \"Michael (knight) says Ethan (knave) is a knight (no)\". The latest mention of "
+        "a person then tells their current role, so a clause value needs only the previous "
+        "occurrence of a name, not the search history: held-out clause-value loss 0.001 instead "
+        "of 0.53. Off by default: the verdict stays at chance either way, so accuracy does not "
+        "move, and 3-person traces grow by a quarter (README, \"Status of kk-tiny\").")
     think_format_rate: float = Field(
         0.2, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
         "</answer> format the reward wants.")
@@ -259,9 +266,13 @@ class TraceWriter:
             if c.clause_values:
                 words = CLAUSE_ZH if zh else CLAUSE_EN
                 note = lambda u: words[evaluate(u, assign)]  # noqa: E731
+            who = names
+            if c.role_notes:    # everyone a checked statement names is assigned by now
+                fmt = "{}（{}）" if zh else "{} ({})"
+                who = [fmt.format(nm, (ROLE_ZH if zh else ROLE_EN)[r]) for nm, r in zip(names, assign)]
             if zh:
-                return f"{names[j]} 说{statement_zh(stmts[j], names, note=note)}，这是{'真' if value else '假'}的。"
-            return (f"{names[j]} says {statement_en(stmts[j], names, note=note)}, "
+                return f"{who[j]} 说{statement_zh(stmts[j], who, note=note)}，这是{'真' if value else '假'}的。"
+            return (f"{who[j]} says {statement_en(stmts[j], who, note=note)}, "
                     f"which is {'true' if value else 'false'}.")
 
         def contradiction(zh: bool) -> str:
@@ -640,7 +651,7 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
 
     def record(phase: str, step: int, loss: float) -> None:
         # Always measured with the full prompt, the one the organism is used with.
-        per_class = teacher_forced_losses(model, tok, monitor, seed=config.seed)
+        per_class = teacher_forced_losses(model, tok, monitor, seed=config.seed, config=config)
         model.train()
         curve.append({"step": step, "phase": phase, "train_loss": round(loss, 4),
                       **{k: v["loss"] for k, v in per_class.items()}})
@@ -777,16 +788,18 @@ def token_classes(tokenizer) -> dict[int, str]:
     return out
 
 
-def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle],
-                          seed: int = 0) -> dict[str, dict[str, float]]:
+def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle], seed: int = 0,
+                          config: OrganismConfig | None = None) -> dict[str, dict[str, float]]:
     """Mean next-token loss (nats) and token count per token class on mistake-free traces of
     `puzzles`, over the response only. It says which skill an organism lacks before any
     sampling: names must be copied from the prompt (an induction ability; chance is ln 60 =
     4.09), roles and truth values follow from the logic (chance about ln 2 = 0.69), "other" is
-    the template text."""
+    the template text. `config`: the trace style of the organism measured (default: the
+    default organism's)."""
     import torch
 
-    config = OrganismConfig(seed=seed, step_mistake_rate=0.0)
+    # The traces are written the way the organism was trained (`config`), without mistakes.
+    config = (config or OrganismConfig()).model_copy(update={"seed": seed, "step_mistake_rate": 0.0})
     rng = random.Random(seed)
     writer = TraceWriter(config)
     classes = token_classes(tokenizer)
@@ -832,7 +845,9 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     puzzles = heldout_puzzles(people, n_puzzles, seed, fixed_cast=fixed_cast(path))
     result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
     if teacher_forced:
-        result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed)
+        info = Path(path) / "organism.json"       # an organism measures on traces in its own style
+        config = OrganismConfig(**json.loads(info.read_text())["config"]) if info.is_file() else None
+        result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed, config=config)
         result["copy_probe"] = copy_probe(model, tok, seed=seed)
     for temp in temperatures:
         torch.manual_seed(seed)
