@@ -338,3 +338,15 @@ def test_organism_config_round_trips_through_json():
     cfg = OrganismConfig()
     assert OrganismConfig(**json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg
     assert all(type(getattr(cfg, k)).__module__ == "builtins" for k in OrganismConfig.model_fields)
+
+
+def test_measure_refuses_a_broken_organism_description(tiny_ckpt, tmp_path):
+    import shutil
+
+    from train.errors import UserError
+    from train.organism import measure_organism
+
+    model = shutil.copytree(tiny_ckpt, tmp_path / "m")
+    (model / "organism.json").write_text('{"config": {"no_such_setting": 1}}')
+    with pytest.raises(UserError, match="organism.json: not an organism description"):
+        measure_organism(model, n_puzzles=2, temperatures=(), teacher_forced=True)

@@ -846,7 +846,12 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
     if teacher_forced:
         info = Path(path) / "organism.json"       # an organism measures on traces in its own style
-        config = OrganismConfig(**json.loads(info.read_text())["config"]) if info.is_file() else None
+        config = None
+        if info.is_file():
+            try:
+                config = OrganismConfig(**json.loads(info.read_text())["config"])
+            except (ValueError, KeyError, TypeError) as e:   # ValidationError is a ValueError
+                raise UserError(f"{info}: not an organism description ({type(e).__name__})") from None
         result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed, config=config)
         result["copy_probe"] = copy_probe(model, tok, seed=seed)
     for temp in temperatures:
