@@ -614,6 +614,8 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
 
 # --------------------------------------------------------------------------- build
 
+ORGANISM_FILE = "organism.json"   # what a build writes beside the model: config, sizes, SFT curve
+
 
 def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, progress: bool = True,
                   monitor_every: int = 0, monitor_puzzles: int = 16) -> Path:
@@ -694,8 +696,19 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
     }
     if curve:
         info["sft_curve"] = curve
-    (out / "organism.json").write_text(json.dumps(info, indent=2))
+    (out / ORGANISM_FILE).write_text(json.dumps(info, indent=2))
     return out
+
+
+def organism_config(path: str | Path) -> OrganismConfig | None:
+    """The config an organism folder was built with (its ORGANISM_FILE), None for other models."""
+    info = Path(path) / ORGANISM_FILE
+    if not info.is_file():
+        return None
+    try:
+        return OrganismConfig(**json.loads(info.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:   # ValidationError is a ValueError
+        raise UserError(f"{info}: not an organism description ({type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------------- measurement
@@ -845,14 +858,9 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     puzzles = heldout_puzzles(people, n_puzzles, seed, fixed_cast=fixed_cast(path))
     result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
     if teacher_forced:
-        info = Path(path) / "organism.json"       # an organism measures on traces in its own style
-        config = None
-        if info.is_file():
-            try:
-                config = OrganismConfig(**json.loads(info.read_text())["config"])
-            except (ValueError, KeyError, TypeError) as e:   # ValidationError is a ValueError
-                raise UserError(f"{info}: not an organism description ({type(e).__name__})") from None
-        result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed, config=config)
+        # An organism is measured on traces in its own style.
+        result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed,
+                                                              config=organism_config(path))
         result["copy_probe"] = copy_probe(model, tok, seed=seed)
     for temp in temperatures:
         torch.manual_seed(seed)
