@@ -204,9 +204,9 @@ def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt)
     puzzles = heldout_puzzles(3, 3)
     result = teacher_forced_losses(model, tok, puzzles, seed=4)
     assert {"name", "role", "other"} <= set(result)
-    # Measured on traces in the organism's own style: role notes lengthen them.
-    annotated = teacher_forced_losses(model, tok, puzzles, seed=4, config=OrganismConfig(role_notes=True))
-    assert sum(v["tokens"] for v in annotated.values()) > sum(v["tokens"] for v in result.values())
+    # Measured on traces in the organism's own style: without role notes they are shorter.
+    bare = teacher_forced_losses(model, tok, puzzles, seed=4, config=OrganismConfig(role_notes=False))
+    assert sum(v["tokens"] for v in bare.values()) < sum(v["tokens"] for v in result.values())
     # The classes partition the response tokens: their weighted mean is the plain SFT loss.
     writer, rng = TraceWriter(OrganismConfig(seed=4, step_mistake_rate=0.0)), random.Random(4)
     total, count = 0.0, 0
@@ -329,6 +329,38 @@ def test_role_notes_follow_the_search():
                 assert current.get(name) == role, (p.id, m.group(0))
                 checked += 1
     assert checked > 100
+
+@pytest.mark.parametrize("mistake", ["overlook", "flip"])
+def test_mistakes_overlook_a_contradiction_or_flip_a_verdict(mistake):
+    """'overlook' writes every verdict right and lets some contradictions pass; 'flip' writes
+    the contradicting verdicts flipped, so that a verdict never disagrees with its speaker's
+    role without a "Contradiction." after it."""
+    import re
+
+    from train.kk import evaluate
+
+    cfg = OrganismConfig(step_mistake_rate=0.5, mistake=mistake, chinese_step_rate=0.0,
+                         hesitation_rate=0.0, verify_rate=0.0)
+    check = re.compile(r"(\w+) \((knight|knave)\) says (.*?), which is (true|false)\.( Contradiction\.)?")
+    wrong_verdicts = overlooked = checks = 0
+    for seed in range(20):
+        p = PuzzleGenerator(seed).generate(4)
+        for m in check.finditer(write_trace(p, random.Random(seed), cfg).text):
+            speaker, role, body, verdict, contra = m.groups()
+            notes = dict(re.findall(r"(\w+) \((knight|knave)\)", body))
+            assign = [notes.get(nm, "knight") == "knight" for nm in p.names]
+            truth = evaluate(p.statements[p.names.index(speaker)], assign)
+            wrong_verdicts += (verdict == "true") != truth
+            disagrees = (verdict == "true") != (role == "knight")
+            overlooked += disagrees and not contra
+            assert bool(contra) <= disagrees
+            checks += 1
+    assert checks > 100
+    if mistake == "overlook":
+        assert wrong_verdicts == 0 and overlooked > 5
+    else:
+        assert wrong_verdicts > 5 and overlooked == 0
+
 
 def test_organism_config_round_trips_through_json():
     import json

@@ -27,7 +27,8 @@ Each clause of a checked statement carries its truth under the current assumptio
 (`clause_values`), and the organism's puzzles star a fixed cast (`fixed_cast`): both make the
 search learnable in a few minutes of SFT (README, "Status of kk-tiny").
 
-A mistake reports a contradicting statement's truth flipped, so a wrong role is accepted.
+A mistake overlooks a contradiction: the statement's truth is written right, but the search
+goes on as if it held, so a wrong role is accepted (`mistake`).
 A verification passage ("Let me verify.") re-evaluates every statement at the end; it
 catches such a mistake and resumes the search.
 
@@ -44,7 +45,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -75,8 +76,14 @@ class OrganismConfig(BaseModel):
     exclude_test_per_size: int = Field(100, ge=0, description="Size of those test splits.")
     # Behaviour of the trace writer
     step_mistake_rate: float = Field(
-        0.25, ge=0, le=1, description="Chance that a contradicting statement is reported with its "
-        "truth flipped, so a wrong role is accepted.")
+        0.25, ge=0, le=1, description="Chance that a contradicting statement is let through, so a "
+        "wrong role is accepted (how: `mistake`).")
+    mistake: Literal["overlook", "flip"] = Field(
+        "overlook", description="How a mistake is written. 'overlook': the statement's truth is "
+        "written right and the contradiction is not noticed. 'flip': its truth is written flipped, "
+        "so that it agrees with the speaker's role; a verdict in the SFT data then follows the "
+        "speaker's role more often than the clauses, and the organism learns that shortcut "
+        "(README, \"Status of kk-tiny\").")
     verify_rate: float = Field(
         0.07, ge=0, le=1, description="Chance that a trace verifies every statement before "
         "answering (and goes back when that finds a contradiction).")
@@ -93,12 +100,12 @@ class OrganismConfig(BaseModel):
         "(\"if Mia is a knave (no) then ...\"), so a verdict follows from values written a few "
         "tokens back instead of from roles fixed lines earlier.")
     role_notes: bool = Field(
-        False, description="Every person named in a checked statement carries the role assumed "
+        True, description="Every person named in a checked statement carries the role assumed "
         "for them: \"Michael (knight) says Ethan (knave) is a knight (no)\". The latest mention of "
         "a person then tells their current role, so a clause value needs only the previous "
-        "occurrence of a name, not the search history: held-out clause-value loss 0.001 instead "
-        "of 0.53. Off by default: the verdict stays at chance either way, so accuracy does not "
-        "move, and 3-person traces grow by a quarter (README, \"Status of kk-tiny\").")
+        "occurrence of a name, not the search history (held-out clause-value loss 0.02 instead of "
+        "0.48), and the speaker's role sits beside the verdict it is compared with. Costs a quarter "
+        "longer traces (README, \"Status of kk-tiny\").")
     think_format_rate: float = Field(
         0.2, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
         "</answer> format the reward wants.")
@@ -231,7 +238,7 @@ class Trace:
     text: str
     answer: tuple[bool, ...]          # the roles the response answers with
     correct: bool                     # answer == the puzzle's solution
-    mistakes: int = 0                 # flipped statement truths
+    mistakes: int = 0                 # contradictions let through
     verified: bool = False            # has a final verification passage
     hesitations: int = 0
     summaries: int = 0
@@ -261,7 +268,7 @@ class TraceWriter:
         t = Trace(text="", answer=(), correct=False, verified=verify, answer_style=style)
 
         def says(j: int, value: bool, zh: bool, assign: Sequence[bool]) -> str:
-            # `value` is the verdict written (a mistake flips it); clause values are always right.
+            # `value` is the verdict written (a 'flip' mistake flips it); clause values are always right.
             note = None
             if c.clause_values:
                 words = CLAUSE_ZH if zh else CLAUSE_EN
@@ -300,7 +307,8 @@ class TraceWriter:
                 value = evaluate(stmts[j], assign)
                 holds = value == assign[j]
                 if not holds and rng.random() < c.step_mistake_rate:
-                    value, holds = not value, True
+                    holds = True
+                    value = value if c.mistake == "overlook" else not value
                     t.mistakes += 1
                 parts.append(says(j, value, zh, assign))
                 checked.append(j)
@@ -785,14 +793,15 @@ def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_t
 
 
 def token_classes(tokenizer) -> dict[int, str]:
-    """Token id -> "name" | "role" | "truth" | "clause" for the tokens that carry a puzzle's
-    content (a listed name, knight/knave, a verdict true/false, a clause value yes/no, with or
-    without a leading space); others are absent."""
+    """Token id -> "name" | "role" | "truth" | "clause" | "contradiction" for the tokens that
+    carry a puzzle's content (a listed name, knight/knave, a verdict true/false, a clause value
+    yes/no, the word that ends a branch, with or without a leading space); others are absent."""
     from train.kk import NAMES
 
     words = {n: "name" for n in NAMES} | {w: "role" for w in ("knight", "knave", *ROLE_ZH.values())} \
         | {w: "truth" for w in ("true", "false")} \
-        | {w.strip(" ()（）"): "clause" for w in (*CLAUSE_EN.values(), *CLAUSE_ZH.values())}
+        | {w.strip(" ()（）"): "clause" for w in (*CLAUSE_EN.values(), *CLAUSE_ZH.values())} \
+        | {"Contradiction": "contradiction"}
     out = {}
     for i in range(len(tokenizer)):
         cls = words.get(tokenizer.decode([i]).strip())
@@ -806,8 +815,8 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle], seed: int
     """Mean next-token loss (nats) and token count per token class on mistake-free traces of
     `puzzles`, over the response only. It says which skill an organism lacks before any
     sampling: names must be copied from the prompt (an induction ability; chance is ln 60 =
-    4.09), roles and truth values follow from the logic (chance about ln 2 = 0.69), "other" is
-    the template text. `config`: the trace style of the organism measured (default: the
+    4.09), roles and truth values follow from the logic (chance about ln 2 = 0.69),
+    "contradiction" is the loss on noticing each contradiction, "other" is the template text. `config`: the trace style of the organism measured (default: the
     default organism's)."""
     import torch
 
@@ -816,7 +825,7 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle], seed: int
     rng = random.Random(seed)
     writer = TraceWriter(config)
     classes = token_classes(tokenizer)
-    sums: dict[str, list[float]] = {"name": [], "role": [], "truth": [], "clause": [], "other": []}
+    sums: dict[str, list[float]] = {k: [] for k in ("name", "role", "truth", "clause", "contradiction", "other")}
     model.eval()
     for p in puzzles:
         ids, n_prompt = encode_example(tokenizer, p, writer.write(p, rng).text)
