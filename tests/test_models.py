@@ -204,9 +204,9 @@ def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt)
     puzzles = heldout_puzzles(3, 3)
     result = teacher_forced_losses(model, tok, puzzles, seed=4)
     assert {"name", "role", "other"} <= set(result)
-    # Measured on traces in the organism's own style: without role notes they are shorter.
-    bare = teacher_forced_losses(model, tok, puzzles, seed=4, config=OrganismConfig(role_notes=False))
-    assert sum(v["tokens"] for v in bare.values()) < sum(v["tokens"] for v in result.values())
+    # Measured on traces in the organism's own style: role notes lengthen them.
+    annotated = teacher_forced_losses(model, tok, puzzles, seed=4, config=OrganismConfig(role_notes=True))
+    assert sum(v["tokens"] for v in annotated.values()) > sum(v["tokens"] for v in result.values())
     # The classes partition the response tokens: their weighted mean is the plain SFT loss.
     writer, rng = TraceWriter(OrganismConfig(seed=4, step_mistake_rate=0.0)), random.Random(4)
     total, count = 0.0, 0
@@ -340,7 +340,7 @@ def test_mistakes_overlook_a_contradiction_or_flip_a_verdict(mistake):
     from train.kk import evaluate
 
     cfg = OrganismConfig(step_mistake_rate=0.5, mistake=mistake, chinese_step_rate=0.0,
-                         hesitation_rate=0.0, verify_rate=0.0)
+                         hesitation_rate=0.0, verify_rate=0.0, role_notes=True)
     check = re.compile(r"(\w+) \((knight|knave)\) says (.*?), which is (true|false)\.( Contradiction\.)?")
     wrong_verdicts = overlooked = checks = 0
     for seed in range(20):

@@ -100,12 +100,13 @@ class OrganismConfig(BaseModel):
         "(\"if Mia is a knave (no) then ...\"), so a verdict follows from values written a few "
         "tokens back instead of from roles fixed lines earlier.")
     role_notes: bool = Field(
-        True, description="Every person named in a checked statement carries the role assumed "
+        False, description="Every person named in a checked statement carries the role assumed "
         "for them: \"Michael (knight) says Ethan (knave) is a knight (no)\". The latest mention of "
         "a person then tells their current role, so a clause value needs only the previous "
-        "occurrence of a name, not the search history (held-out clause-value loss 0.02 instead of "
-        "0.48), and the speaker's role sits beside the verdict it is compared with. Costs a quarter "
-        "longer traces (README, \"Status of kk-tiny\").")
+        "occurrence of a name, not the search history: held-out clause-value loss 0.02 instead of "
+        "0.48, verdict loss 0.0007 instead of 0.64. Off by default: the checks become so alike "
+        "that greedy decoding loops over them (45% of 3-person responses unfinished at 512 "
+        "tokens), and traces grow by a quarter (README, \"Status of kk-tiny\").")
     think_format_rate: float = Field(
         0.2, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
         "</answer> format the reward wants.")
