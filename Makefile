@@ -14,7 +14,7 @@ setup:
 
 demo: setup
 	$(PY) -m train.run stage3 --schedule $(SCHEDULE)
-	$(PY) -m analysis eval --run $(RUN) --stage base,stage3 --people 3,5 --n-per-size 25 --max-new-tokens 384
+	$(PY) -m analysis eval --run $(RUN) --stage base,stage3 --people 3,5 --n-per-size 25 --max-new-tokens 768
 	$(PY) -m analysis report --run $(RUN) --every 2 --probe-per-size 4 --max-new-tokens 384
 
 test: setup

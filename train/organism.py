@@ -104,7 +104,7 @@ class OrganismConfig(BaseModel):
         "for them: \"Michael (knight) says Ethan (knave) is a knight (no)\". The latest mention of "
         "a person then tells their current role, so a clause value needs only the previous "
         "occurrence of a name, not the search history: held-out clause-value loss 0.02 instead of "
-        "0.48, verdict loss 0.0007 instead of 0.64. Off by default: the checks become so alike "
+        "0.53, verdict loss 0.0007 instead of 0.25. Off by default: the checks become so alike "
         "that greedy decoding loops over them (45% of 3-person responses unfinished at 512 "
         "tokens), and traces grow by a quarter (README, \"Status of kk-tiny\").")
     think_format_rate: float = Field(
@@ -269,7 +269,7 @@ class TraceWriter:
         t = Trace(text="", answer=(), correct=False, verified=verify, answer_style=style)
 
         def says(j: int, value: bool, zh: bool, assign: Sequence[bool]) -> str:
-            # `value` is the verdict written (a 'flip' mistake flips it); clause values are always right.
+            # `value` is the verdict written ('flip' mistakes flip it); clause values are always right.
             note = None
             if c.clause_values:
                 words = CLAUSE_ZH if zh else CLAUSE_EN
@@ -817,8 +817,8 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle], seed: int
     `puzzles`, over the response only. It says which skill an organism lacks before any
     sampling: names must be copied from the prompt (an induction ability; chance is ln 60 =
     4.09), roles and truth values follow from the logic (chance about ln 2 = 0.69),
-    "contradiction" is the loss on noticing each contradiction, "other" is the template text. `config`: the trace style of the organism measured (default: the
-    default organism's)."""
+    "contradiction" is the loss on noticing each contradiction, "other" is the template text.
+    `config`: the trace style of the organism measured (default: the default organism's)."""
     import torch
 
     # The traces are written the way the organism was trained (`config`), without mistakes.
