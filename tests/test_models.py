@@ -330,6 +330,7 @@ def test_role_notes_follow_the_search():
                 checked += 1
     assert checked > 100
 
+
 @pytest.mark.parametrize("mistake", ["overlook", "flip"])
 def test_mistakes_overlook_a_contradiction_or_flip_a_verdict(mistake):
     """'overlook' writes every verdict right and lets some contradictions pass; 'flip' writes

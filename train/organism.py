@@ -309,7 +309,8 @@ class TraceWriter:
                 holds = value == assign[j]
                 if not holds and rng.random() < c.step_mistake_rate:
                     holds = True
-                    value = value if c.mistake == "overlook" else not value
+                    if c.mistake == "flip":
+                        value = not value
                     t.mistakes += 1
                 parts.append(says(j, value, zh, assign))
                 checked.append(j)
