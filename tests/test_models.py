@@ -161,6 +161,8 @@ def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
+    from train.organism import cpu_has_fast_bf16
+
     cmd = [sys.executable, "-m", "train.organism", "build", "--out", str(tmp_path / "org")]
     tiny = ["n_puzzles=24", "sizes=[2,3]", "size_weights=[1,1]", "heldout_per_size=4",
             "exclude_test_per_size=2", "vocab_size=320", "hidden_size=32", "num_layers=2",
@@ -179,6 +181,8 @@ def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
     assert info["sft_curve"][-1]["other"] < info["sft_curve"][0]["other"]      # it learned something
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "org").config.hidden_size == 32
     assert fixed_cast(tmp_path / "org")      # the organism's world travels with its weights
+    # bf16 left at auto: autocast only where the CPU computes bf16 natively, as recorded.
+    assert info["bf16"] == cpu_has_fast_bf16()
     for bad in (["--set", "hidden_size=-1"], ["--set", "no_such=1"], ["--set", "lr"], ["--set", "num_layers=1"]):
         r = subprocess.run(cmd[:-1] + [str(tmp_path / "bad")] + bad, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--set" in r.stderr, r.stderr

@@ -152,7 +152,10 @@ class OrganismConfig(BaseModel):
     batch_tokens: int = Field(2048, ge=256, description="Tokens per optimizer step (padded batch "
         "area, not counting the shared system turn).")
     max_length: int = Field(1024, ge=64, description="Longest SFT example in tokens; longer ones are dropped.")
-    bf16: bool = Field(True, description="bf16 autocast on CPU (about 2-3x faster than fp32 here).")
+    bf16: bool | None = Field(
+        None, description="bf16 autocast for SFT. None: only where the CPU has native bf16 "
+        "(AVX512-BF16 or AMX; `cpu_has_fast_bf16`), where it is 2-3x faster than fp32. On an "
+        "AVX2-only CPU autocast emulates bf16 and a step is about 16x slower than fp32.")
     threads: int = Field(2, ge=1, description="torch threads.")
 
     @model_validator(mode="after")
@@ -168,6 +171,17 @@ class OrganismConfig(BaseModel):
         import hashlib
 
         return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's own check: AVX512-BF16 or AMX)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def use_bf16(config: OrganismConfig) -> bool:
+    return cpu_has_fast_bf16() if config.bf16 is None else config.bf16
 
 
 def config_with(overrides: Sequence[str]) -> OrganismConfig:
@@ -583,6 +597,7 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
         t = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
         return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
+    bf16 = use_bf16(config)
     model.train()
     losses = []
     bar = tqdm(plan, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
@@ -598,7 +613,7 @@ def sft(model, examples: Sequence[tuple[list[int], int]], config: OrganismConfig
             mask[row, : len(seq)] = 1
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             cache = None
             if prefix is not None:
                 cache = model.model(input_ids=prefix, use_cache=True).past_key_values
@@ -702,6 +717,7 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
             "verified": sum(t.verified for t in traces) / len(traces),
             "think_format": sum(t.answer_style == "think" for t in traces) / len(traces),
         },
+        "bf16": use_bf16(config),
         "build_seconds": round(time.time() - t0, 1),
     }
     if curve:
