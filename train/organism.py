@@ -58,7 +58,8 @@ from train.prompts import chat_messages
 
 
 class OrganismConfig(BaseModel):
-    """Everything that decides the organism; one config gives one model (bit for bit)."""
+    """Everything that decides the organism; one config gives one model, bit for bit on one
+    kind of CPU (`bf16` follows the CPU unless set)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
