@@ -56,6 +56,10 @@ SAY_TEMPLATES = (
     '{name} claimed, "{s}."',
 )
 
+# The fixed-cast world's one template (GeneratorConfig.fixed_cast): a statement in the very
+# words a solution restates it in.
+PLAIN_TEMPLATE = "{name} says {s}."
+
 QUIZ_HEAD = (
     "A very special island is inhabited only by knights and knaves. Knights always tell the "
     "truth, and knaves always lie. You meet {n} inhabitants: {names}."
@@ -303,13 +307,16 @@ def solution_text(names: Sequence[str], solution: Sequence[bool]) -> str:
     )
 
 
-def quiz_text(names: Sequence[str], statements: Sequence[Statement], rng: random.Random) -> str:
+def quiz_text(names: Sequence[str], statements: Sequence[Statement], rng: random.Random,
+              plain: bool = False) -> str:
+    """The reference's quiz: one sentence per person in a template drawn from SAY_TEMPLATES,
+    or (`plain`) always PLAIN_TEMPLATE."""
     listed = ", ".join(names[:-1]) + f", and {names[-1]}" if len(names) > 2 else " and ".join(names)
     sentences = [QUIZ_HEAD.format(n=len(names), names=listed)]
     for i, stmt in enumerate(statements):
-        template = rng.choice(SAY_TEMPLATES)
+        template = PLAIN_TEMPLATE if plain else rng.choice(SAY_TEMPLATES)
         s = statement_text(stmt, names)
-        if not template.startswith("{name}") or "that {s}" in template:
+        if plain or not template.startswith("{name}") or "that {s}" in template:
             # Mid-sentence or quoted-first forms: lower-case unless it starts with a name.
             if not any(s.startswith(nm) for nm in names):
                 s = s[0].lower() + s[1:]
@@ -391,7 +398,8 @@ class GeneratorConfig:
     # six-sided die: leaf, not, and, or, ->, <=>).
     weights: tuple[float, ...] = (1, 1, 1, 1, 1, 1)
     # A fixed cast: an n-person puzzle's people are NAMES[:n], in that order, instead of n
-    # names drawn at random. The kk-tiny organism's world (see OrganismConfig.fixed_cast).
+    # names drawn at random, and each says their statement in PLAIN_TEMPLATE ("Zoey says Ethan
+    # is a knave."). The kk-tiny organism's world (see OrganismConfig.fixed_cast).
     fixed_cast: bool = False
 
 
@@ -445,7 +453,8 @@ class PuzzleGenerator:
             sols = solve(stmts, limit=2)
             other = next((s for s in sols if s != planted), None)
             if other is None:
-                return make_puzzle(names, stmts, rng=self.rng, seed=self.seed, solution=planted)
+                return make_puzzle(names, stmts, rng=self.rng, seed=self.seed, solution=planted,
+                                   quiz=quiz_text(names, stmts, self.rng, plain=self.config.fixed_cast))
             # Redraw one statement; a speaker on whom the two worlds differ is preferred,
             # since the new statement's truth must then differ between them.
             diff = [i for i in range(n) if planted[i] != other[i]]

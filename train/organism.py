@@ -100,6 +100,12 @@ class OrganismConfig(BaseModel):
         True, description="Write each clause's truth after it when a statement is checked "
         "(\"if Mia is a knave (no) then ...\"), so a verdict follows from values written a few "
         "tokens back instead of from roles fixed lines earlier.")
+    values_after: bool = Field(
+        True, description="With `clause_values`, write the clause values after the whole "
+        "statement (\"Zoey says Ethan is a knave or Mia is a knight: no, yes, which is true.\") "
+        "instead of after each clause: the statement is then copied without a break, and with "
+        "`clause_tokens` 3-person accuracy rises from 10/60 to 19/60 greedy (README, \"Status of "
+        "kk-tiny\").")
     role_notes: bool = Field(
         False, description="Every person named in a checked statement carries the role assumed "
         "for them: \"Michael (knight) says Ethan (knave) is a knight (no)\". The latest mention of "
@@ -126,6 +132,11 @@ class OrganismConfig(BaseModel):
         "differently after a space and after a quote, so copying it from the quiz would be a "
         "learned mapping between unrelated tokens; as one token the model learns to copy names "
         "about twice as early in SFT.")
+    clause_tokens: bool = Field(
+        True, description="Every speaker phrase (\"Zoey says\") and every clause (\"Zoey is not a "
+        "knave\") of the fixed cast's first 8 names is one added token, with and without a leading "
+        "space. A speaker then occurs once in a quiz, so a check finds the statement it restates "
+        "by one-token induction, and copies it clause by clause (`cast_phrases`).")
     hidden_size: int = Field(192, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -285,18 +296,21 @@ class TraceWriter:
 
         def says(j: int, value: bool, zh: bool, assign: Sequence[bool]) -> str:
             # `value` is the verdict written ('flip' mistakes flip it); clause values are always right.
-            note = None
+            note, after = None, []
             if c.clause_values:
                 words = CLAUSE_ZH if zh else CLAUSE_EN
                 note = lambda u: words[evaluate(u, assign)]  # noqa: E731
+                if c.values_after:      # collected in reading order, written after the statement
+                    note = lambda u: after.append(words[evaluate(u, assign)].strip(" ()（）")) or ""  # noqa: E731
             who = names
             if c.role_notes:    # everyone a checked statement names is assigned by now
                 fmt = "{}（{}）" if zh else "{} ({})"
                 who = [fmt.format(nm, (ROLE_ZH if zh else ROLE_EN)[r]) for nm, r in zip(names, assign)]
             if zh:
-                return f"{who[j]} 说{statement_zh(stmts[j], who, note=note)}，这是{'真' if value else '假'}的。"
-            return (f"{who[j]} says {statement_en(stmts[j], who, note=note)}, "
-                    f"which is {'true' if value else 'false'}.")
+                text = statement_zh(stmts[j], who, note=note) + ("：" + "，".join(after) if after else "")
+                return f"{who[j]} 说{text}，这是{'真' if value else '假'}的。"
+            text = statement_en(stmts[j], who, note=note) + (": " + ", ".join(after) if after else "")
+            return f"{who[j]} says {text}, which is {'true' if value else 'false'}."
 
         def contradiction(zh: bool) -> str:
             return "矛盾。" if zh else "Contradiction."
@@ -489,14 +503,26 @@ def sft_traces(puzzles: Sequence[Puzzle], config: OrganismConfig) -> list[Trace]
 # --------------------------------------------------------------------------- tokenizer and model
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, names_as_tokens: bool = True):
-    """Qwen-style byte-level BPE (see train/tokenizer.py); the format tags, and the puzzle
-    names when `names_as_tokens`, are single tokens."""
+def cast_phrases(n_names: int = 8) -> list[str]:
+    """The fixed cast's speaker phrases ("Zoey says") and clauses ("Zoey is not a knave") for
+    the first `n_names` names, each with and without a leading space (`clause_tokens`)."""
+    from train.kk import NAMES
+
+    cast = NAMES[:n_names]
+    phrases = [f"{n} says" for n in cast] + [f"{n} is {neg}a {r}" for n in cast for neg in ("", "not ")
+                                            for r in ("knight", "knave")]
+    return [v for p in phrases for v in (p, " " + p)]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, names_as_tokens: bool = True,
+                    clause_tokens: bool = False):
+    """Qwen-style byte-level BPE (see train/tokenizer.py); the format tags, the puzzle names
+    when `names_as_tokens`, and `cast_phrases()` when `clause_tokens` are single tokens."""
     from train.kk import NAMES
     from train.tokenizer import train_bpe_tokenizer
 
-    return train_bpe_tokenizer(texts, vocab_size=vocab_size,
-                               whole_words=NAMES if names_as_tokens else ())
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size, whole_words=NAMES if names_as_tokens else (),
+                               phrases=cast_phrases() if clause_tokens else ())
 
 
 def make_model(config: OrganismConfig, tokenizer):
@@ -662,7 +688,7 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
     from train.prompts import SYSTEM_PROMPT
 
     tok = train_tokenizer([SYSTEM_PROMPT] + [p.quiz for p in puzzles] + [t.text for t in traces],
-                          config.vocab_size, config.names_as_tokens)
+                          config.vocab_size, config.names_as_tokens, config.clause_tokens)
     examples = [encode_example(tok, p, t.text) for p, t in zip(puzzles, traces)]
     kept = [e for e in examples if len(e[0]) <= config.max_length]
     model = make_model(config, tok)

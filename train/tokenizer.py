@@ -21,11 +21,13 @@ TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2,
-                        whole_words: Sequence[str] = ()):
+                        whole_words: Sequence[str] = (), phrases: Sequence[str] = ()):
     """Train a Qwen-style byte-level BPE on `texts`; returns a PreTrainedTokenizerFast.
 
     `whole_words` become added tokens, one id each whatever precedes them (byte-level BPE
     otherwise spells `Ethan` after a space and after a quote as two unrelated tokens).
+    `phrases` become added tokens matched anywhere, spaces included; where added tokens
+    overlap, the one starting first (then the longest) wins.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -46,6 +48,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_freque
     if whole_words:
         tok.add_tokens([AddedToken(w, normalized=False, special=False, single_word=True)
                         for w in whole_words])
+    if phrases:
+        tok.add_tokens([AddedToken(w, normalized=False, special=False) for w in phrases])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
