@@ -160,6 +160,11 @@ def test_fixed_cast_names_the_first_people_of_the_list_in_order():
         p = fixed.generate(n)
         assert p.names == NAMES[:n] and unique_solution(p.statements) == p.solution
         assert f"{n} inhabitants: {NAMES[0]}" in p.quiz
+        # Each person says their statement plainly, in the order of the cast.
+        said = [f"{nm} says {statement_text(s, p.names)}." for nm, s in zip(p.names, p.statements)]
+        assert all(sentence.lower() in p.quiz.lower() for sentence in said)
+        starts = [p.quiz.index(f"{nm} says ") for nm in p.names]
+        assert starts == sorted(starts)
     drawn = {PuzzleGenerator(s).generate(3).names for s in range(5)}
     assert len(drawn) == 5 and NAMES[:3] not in drawn
 

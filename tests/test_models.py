@@ -292,7 +292,8 @@ def test_clause_values_and_role_notes_are_added_text_and_true_under_the_final_ro
 
     from train.kk import evaluate
 
-    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0, role_notes=True)
+    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0, role_notes=True,
+                         values_after=False)
     for seed in range(6):
         p = PuzzleGenerator(seed).generate(4)
         annotated = write_trace(p, random.Random(seed), cfg).text
@@ -310,6 +311,47 @@ def test_clause_values_and_role_notes_are_added_text_and_true_under_the_final_ro
             written = re.findall(r"\((yes|no)\)", sentence.group(1))
             assert written == ["yes" if evaluate(u, p.solution) else "no" for u in _units(stmt)]
             assert sentence.group(2) == ("true" if evaluate(stmt, p.solution) else "false")
+
+
+def test_clause_values_after_the_statement_list_each_clause_in_reading_order():
+    import re
+
+    from train.kk import GeneratorConfig, evaluate
+
+    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0)
+    assert cfg.values_after and cfg.clause_values
+    for seed in range(6):
+        p = PuzzleGenerator(seed, GeneratorConfig(fixed_cast=True)).generate(4)
+        annotated = write_trace(p, random.Random(seed), cfg).text
+        plain = write_trace(p, random.Random(seed), cfg.model_copy(update={"clause_values": False})).text
+        assert re.sub(r": (?:yes|no)(?:, (?:yes|no))*,", ",", annotated) == plain != annotated
+        verify = next(line for line in annotated.splitlines() if line.startswith("Let me verify."))
+        for j, stmt in enumerate(p.statements):
+            values = re.search(rf"{p.names[j]} says [^:]*: ((?:yes|no)(?:, (?:yes|no))*), which is", verify)
+            assert values.group(1).split(", ") == ["yes" if evaluate(u, p.solution) else "no" for u in _units(stmt)]
+
+
+def test_clause_tokens_make_speakers_and_clauses_single_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.kk import GeneratorConfig
+    from train.organism import train_tokenizer
+
+    cfg = OrganismConfig()
+    puzzles = [PuzzleGenerator(s, GeneratorConfig(fixed_cast=True)).generate(3) for s in range(20)]
+    traces = [write_trace(p, random.Random(i), cfg) for i, p in enumerate(puzzles)]
+    tok = train_tokenizer([p.quiz for p in puzzles] + [t.text for t in traces], vocab_size=400,
+                          clause_tokens=True)
+    sample = "Michael says Zoey is a knave or Ethan is not a knight. So Zoey is a knight."
+    pieces = [tok.decode([i]) for i in tok(sample, add_special_tokens=False).input_ids]
+    assert pieces == ["Michael says", " Zoey is a knave", " or", " Ethan is not a knight", ".", " So",
+                      " Zoey is a knight", "."]
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(sample, add_special_tokens=False).input_ids == \
+        tok(sample, add_special_tokens=False).input_ids
+    # A speaker phrase occurs once in a quiz: the key a check finds the statement by.
+    speaker = tok.convert_tokens_to_ids(" Zoey says")
+    assert all(tok(p.quiz, add_special_tokens=False).input_ids.count(speaker) == 1 for p in puzzles)
 
 
 def test_role_notes_follow_the_search():
