@@ -840,13 +840,16 @@ def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_t
 def token_classes(tokenizer) -> dict[int, str]:
     """Token id -> "name" | "role" | "truth" | "clause" | "contradiction" for the tokens that
     carry a puzzle's content (a listed name, knight/knave, a verdict true/false, a clause value
-    yes/no, the word that ends a branch, with or without a leading space); others are absent."""
+    yes/no, the word that ends a branch, with or without a leading space); others are absent.
+    With `clause_tokens`, a speaker phrase ("Zoey says") counts as a name and a whole clause
+    ("Zoey is a knave") as a role: the role it claims is what it decides."""
     from train.kk import NAMES
 
     words = {n: "name" for n in NAMES} | {w: "role" for w in ("knight", "knave", *ROLE_ZH.values())} \
         | {w: "truth" for w in ("true", "false")} \
         | {w.strip(" ()（）"): "clause" for w in (*CLAUSE_EN.values(), *CLAUSE_ZH.values())} \
         | {"Contradiction": "contradiction"}
+    words |= {p.strip(): "name" if p.endswith(" says") else "role" for p in cast_phrases()}
     out = {}
     for i in range(len(tokenizer)):
         cls = words.get(tokenizer.decode([i]).strip())
