@@ -104,7 +104,7 @@ class OrganismConfig(BaseModel):
         True, description="With `clause_values`, write the clause values after the whole "
         "statement (\"Zoey says Ethan is a knave or Mia is a knight: no, yes, which is true.\") "
         "instead of after each clause: the statement is then copied without a break, and with "
-        "`clause_tokens` 3-person accuracy rises from 10/60 to 19/60 greedy (README, \"Status of "
+        "`clause_tokens` 3-person accuracy rises from 11/60 to 21/60 greedy (README, \"Status of "
         "kk-tiny\").")
     role_notes: bool = Field(
         False, description="Every person named in a checked statement carries the role assumed "
