@@ -160,7 +160,8 @@ def mixed_trace(p: Puzzle) -> str:
     """A deterministic correct trace in the K&K step style of `train.organism` (one line per
     person: the role, then every statement that can now be evaluated), with the lines of
     odd-numbered people written in Chinese ("假设 Zoey 是骑士。 Zoey 说 Ethan 是骗子，这是真的。")."""
-    from train.organism import ROLE_EN, ROLE_ZH, statement_en, statement_zh
+    from train.kk import statement_en
+    from train.organism import ROLE_EN, ROLE_ZH, statement_zh
 
     names, stmts = p.names, p.statements
     closes_at: list[list[int]] = [[] for _ in names]

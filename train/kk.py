@@ -299,6 +299,13 @@ def statement_text(stmt: Statement, names: Sequence[str], top: bool = True,
     return f"({text})"
 
 
+def statement_en(stmt: Statement, names: Sequence[str],
+                 note: Callable[[Statement], str] | None = None) -> str:
+    """`statement_text` as it reads mid-sentence: lower-case unless it starts with a name."""
+    s = statement_text(stmt, names, note=note)
+    return s if any(s.startswith(n) for n in names) else s[0].lower() + s[1:]
+
+
 def solution_text(names: Sequence[str], solution: Sequence[bool]) -> str:
     """The reference ground-truth format: "(1) Amelia is a knight\\n(2) ..."."""
     return "\n".join(
@@ -315,11 +322,9 @@ def quiz_text(names: Sequence[str], statements: Sequence[Statement], rng: random
     sentences = [QUIZ_HEAD.format(n=len(names), names=listed)]
     for i, stmt in enumerate(statements):
         template = PLAIN_TEMPLATE if plain else rng.choice(SAY_TEMPLATES)
-        s = statement_text(stmt, names)
-        if plain or not template.startswith("{name}") or "that {s}" in template:
-            # Mid-sentence or quoted-first forms: lower-case unless it starts with a name.
-            if not any(s.startswith(nm) for nm in names):
-                s = s[0].lower() + s[1:]
+        # Mid-sentence or quoted-first forms start lower-case; a sentence-initial quote does not.
+        mid = plain or not template.startswith("{name}") or "that {s}" in template
+        s = statement_en(stmt, names) if mid else statement_text(stmt, names)
         sentences.append(template.format(name=names[i], s=s))
     sentences.append(QUIZ_TAIL)
     return " ".join(sentences)

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from train.errors import UserError
 from train.kk import (GeneratorConfig, Puzzle, PuzzleGenerator, Statement, evaluate, is_unit, persons_in,
-                      statement_text, unit_parts)
+                      statement_en, unit_parts)
 from train.prompts import chat_messages
 
 # --------------------------------------------------------------------------- settings
@@ -251,13 +251,6 @@ def statement_zh(stmt: Statement, names: Sequence[str], top: bool = True,
     return text if top else f"（{text}）"
 
 
-def statement_en(stmt: Statement, names: Sequence[str],
-                 note: Callable[[Statement], str] | None = None) -> str:
-    """The quiz's English for a statement, starting lower-case unless it starts with a name."""
-    s = statement_text(stmt, names, note=note)
-    return s if any(s.startswith(n) for n in names) else s[0].lower() + s[1:]
-
-
 @dataclass
 class Trace:
     """A written response and what went into it."""
@@ -299,9 +292,10 @@ class TraceWriter:
             note, after = None, []
             if c.clause_values:
                 words = CLAUSE_ZH if zh else CLAUSE_EN
-                note = lambda u: words[evaluate(u, assign)]  # noqa: E731
                 if c.values_after:      # collected in reading order, written after the statement
                     note = lambda u: after.append(words[evaluate(u, assign)].strip(" ()（）")) or ""  # noqa: E731
+                else:
+                    note = lambda u: words[evaluate(u, assign)]  # noqa: E731
             who = names
             if c.role_notes:    # everyone a checked statement names is assigned by now
                 fmt = "{}（{}）" if zh else "{} ({})"
