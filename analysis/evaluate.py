@@ -4,7 +4,9 @@ checkpoint, next to the published Logic-RL numbers.
     python -m analysis eval --run kk-tiny --stage stage3 --people 2-8 --n-per-size 100
 
 Responses are scored with `train.reward.score_response`, the training reward itself, so a
-checkpoint's evaluation and its training curves agree on what "correct" means.
+checkpoint's evaluation and its training curves agree on what "correct" means. Beside it,
+`roles_accuracy` reads the roles whatever the format (`train.reward.lenient_roles`): a base
+model that never writes the tags scores 0 by the reward, and this says what it knows.
 
 Held-out puzzles are our generator's test split under `EVAL_SEED`, a seed reserved for
 evaluation, with every puzzle of a given training set excluded by content; or, with
@@ -33,7 +35,7 @@ from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, parse_ste
 from train.data import dataset_paths, generate_split, parse_people, read_puzzles, write_parquet
 from train.errors import UserError
 from train.kk import MAX_PEOPLE, MIN_PEOPLE, Puzzle, content_key, parse_statements
-from train.reward import score_response
+from train.reward import lenient_correct, score_response
 
 __all__ = [
     "ANALYSIS",
@@ -252,7 +254,10 @@ def _mean(values) -> float:
 def summarize(frame, k: int) -> dict[str, Any]:
     """Summary of a generations frame (one row per puzzle and sample). Size keys are strings
     so the summary is the same after a JSON or YAML round trip."""
-    df = frame.assign(correct=frame["answer"] == "correct")
+    df = frame.assign(correct=frame["answer"] == "correct",
+                      # roles right whatever the format: what a model knows before it learns the format
+                      roles_correct=[lenient_correct(t, sol) for t, sol in
+                                     zip(frame["text"], frame["solution_text_format"])])
     per_puzzle = df.groupby("puzzle_id", sort=False).agg(
         people=("people", "first"), n=("sample", "size"), c=("correct", "sum"))
     sizes = sorted(int(s) for s in df["people"].unique())
@@ -268,6 +273,8 @@ def summarize(frame, k: int) -> dict[str, Any]:
         "sizes": sizes,
         "accuracy": float(df["correct"].mean()),
         "accuracy_by_size": {str(s): float(d["correct"].mean()) for s, d in by_size.items()},
+        "roles_accuracy": float(df["roles_correct"].mean()),
+        "roles_accuracy_by_size": {str(s): float(d["roles_correct"].mean()) for s, d in by_size.items()},
         "format_error_rate": float((~df["format_ok"].astype(bool)).mean()),
         "format_error_rate_by_size": {str(s): float((~d["format_ok"].astype(bool)).mean()) for s, d in by_size.items()},
         "answer_rates": {a: float((df["answer"] == a).mean()) for a in ("correct", "wrong", "unparseable", "missing")},
@@ -350,6 +357,7 @@ def registry_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "accuracy": r(summary["accuracy"]),
         "accuracy_by_size": {s: r(v) for s, v in summary["accuracy_by_size"].items()},
+        "roles_accuracy": r(summary["roles_accuracy"]),
         "format_error_rate": r(summary["format_error_rate"]),
         "mean_response_tokens": r(summary["mean_response_tokens"]),
         "pass_at_k": {j: r(v) for j, v in summary["pass_at_k"].items()},
@@ -384,7 +392,11 @@ def evaluate_checkpoint(registry: Any, ck: Any, config: EvalConfig, cache: Resul
     hit = cache.get(ck.id, ANALYSIS, params)
     if (hit is not None and hit.get("weights") == fingerprint and hit.get("puzzle_set") == puzzle_hash
             and sidecar.exists()):
-        summary, cached = hit, True
+        import pandas as pd
+
+        # Summaries are recomputed from the kept generations, so a cached evaluation gains
+        # whatever `summarize` has learnt to report since it was run.
+        summary, cached = {**hit, **summarize(pd.read_parquet(sidecar), config.k)}, True
     else:
         backend = gen.resolve_backend(config.backend, path)
         model, tokenizer = load_checkpoint(path, ck.id, tokenizer_only=backend == "vllm")
@@ -566,7 +578,8 @@ def eval_command(
                 results.append(summary)
                 by_size = " ".join(f"{n}:{v:.2f}" for n, v in summary["accuracy_by_size"].items())
                 bar.console.print(
-                    f"{ck.id}: accuracy {summary['accuracy']:.3f} [{by_size}] format errors "
+                    f"{ck.id}: accuracy {summary['accuracy']:.3f} [{by_size}] roles-only accuracy "
+                    f"{summary['roles_accuracy']:.3f} format errors "
                     f"{summary['format_error_rate']:.3f} length {summary['mean_response_tokens']:.0f}"
                     f"{' (cached)' if summary['cached'] else ''}")
             bar.advance(task)

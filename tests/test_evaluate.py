@@ -21,7 +21,7 @@ from analysis.cache import ResultCache, safe_id
 from analysis.evaluate import (ANALYSIS, EVAL_SEED, PUBLISHED, EvalConfig, EvalError, comparison_figure,
                                comparison_markdown, comparison_table, eval_command, eval_puzzles,
                                evaluate_checkpoint, evaluate_model, heldout_puzzles, load_generations,
-                               mean_at_k, pass_at_k, training_keys)
+                               mean_at_k, pass_at_k, summarize, training_keys)
 from analysis.generate import (GenerationError, GenerationOut, generate, prompt_reward_config,
                                render_prompts, resolve_backend)
 from tests.conftest import SHARED_KK
@@ -295,6 +295,27 @@ def test_accuracy_per_size_aggregation_is_exact(monkeypatch, tiny):
     assert s["answer_rates"]["missing"] == pytest.approx(s["format_error_rate"])
     assert s["mean_response_tokens"] == pytest.approx(11.0)
     assert s["truncated_rate"] == 0.0
+    # every planted answer is either formatted or has no answer marker: roles-only reading agrees
+    assert s["roles_accuracy_by_size"] == pytest.approx(s["accuracy_by_size"])
+
+
+def test_roles_accuracy_reads_answers_whatever_the_format(tiny):
+    import pandas as pd
+
+    sol = "(1) Zoey is a knight\n(2) Ethan is a knave"
+    texts = [
+        "<think> ok </think><answer>(1) Zoey is a knight (2) Ethan is a knave</answer>",  # both right
+        "Zoey is a knave.\nAnswer:\n(1) Zoey is a knight\n(2) Ethan is a knave",       # roles only
+        "So the answer is:\n(1) Zoey is a knight\n(2) Ethan is a knight",               # wrong
+        "Zoey is a knight and Ethan is a knave.",                                          # no marker
+    ]
+    frame = pd.DataFrame([{
+        "puzzle_id": f"p{i}", "people": 2, "sample": 0, "text": t, "n_tokens": 5, "finished": True,
+        **{k: v for k, v in score_response(t, sol).items() if k in ("score", "answer", "format_ok", "n_correct_people")},
+        "solution_text_format": sol} for i, t in enumerate(texts)])
+    s = summarize(frame, k=1)
+    assert s["accuracy"] == pytest.approx(0.25)
+    assert s["roles_accuracy"] == pytest.approx(0.5) and s["roles_accuracy_by_size"] == {"2": pytest.approx(0.5)}
 
 
 # --------------------------------------------------------------------------- checkpoints

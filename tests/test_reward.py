@@ -16,6 +16,8 @@ from train.reward import (
     DEFAULT,
     RewardConfig,
     compute_score,
+    lenient_correct,
+    lenient_roles,
     make_trl_reward_funcs,
     parse_solution_text,
     score_response,
@@ -541,3 +543,17 @@ def test_trl_reward_funcs_odd_completions_do_not_raise():
     columns = {"solution_text_format": [SOLUTION_TEXT] * 6}
     assert call_like_trl(funcs[0], completions, **columns) == [-3.0] * 6
     assert call_like_trl(funcs[2], completions, **columns) == [1.0] * 6
+
+
+def test_lenient_roles_reads_the_last_answer_whatever_the_format():
+    names = ["Zoey", "Ethan"]
+    # the last marker wins, and within it the last role given to a name
+    text = "Answer: Zoey is a knave.\nNo wait.\nSo the answer is: Zoey is a knave, Zoey is a knight, Ethan is a knave"
+    assert lenient_roles(text, names) == (True, False)
+    assert lenient_roles("<answer>(1) Zoey is a knight (2) Ethan is a knave</answer>", names) == (True, False)
+    assert lenient_roles("Zoey is a knight and Ethan is a knave.", names) is None    # no marker
+    assert lenient_roles("Answer: Zoey is a knight.", names) is None                 # Ethan missing
+    assert lenient_roles("Answer: AZoey is a knight, Ethan is a knave", names) is None  # not the name
+    assert lenient_correct("Answer:\n(1) Zoey is a knight\n(2) Ethan is a knave",
+                           "(1) Zoey is a knight\n(2) Ethan is a knave")
+    assert not lenient_correct("Answer: Zoey is a knight, Ethan is a knight", {"Zoey": True, "Ethan": False})

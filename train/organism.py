@@ -761,31 +761,13 @@ def organism_config(path: str | Path) -> OrganismConfig | None:
 # --------------------------------------------------------------------------- measurement
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
-_ANSWER_MARK = re.compile(r"<answer>|\banswer(?: is)?:", re.IGNORECASE)
 _VERIFY = re.compile(r"Let me verify|验证")
 _HESITATE = re.compile(r"\bHmm\b|不确定")
 
 
-def lenient_roles(response: str, names: Sequence[str]) -> tuple[bool, ...] | None:
-    """The roles a response answers with, whatever its format: after the last answer marker
-    ("<answer>", "Answer:", "answer is:"), the last "Name is a knight|knave" of each name.
-    None when there is no marker or a name has no role there."""
-    marks = list(_ANSWER_MARK.finditer(response))
-    if not marks:
-        return None
-    tail = response[marks[-1].end():]
-    roles = []
-    for name in names:
-        found = re.findall(rf"(?<!\w){re.escape(name)} is a (knight|knave)\b", tail)
-        if not found:
-            return None
-        roles.append(found[-1] == "knight")
-    return tuple(roles)
-
-
 def describe_response(response: str, puzzle: Puzzle) -> dict[str, Any]:
     """Reward verdict plus the organism's behaviour markers for one response."""
-    from train.reward import score_response
+    from train.reward import lenient_roles, score_response
 
     r = score_response(response, puzzle.solution_text_format)
     lines = [ln for ln in response.splitlines() if ln.strip()]

@@ -37,6 +37,8 @@ __all__ = [
     "DEFAULT",
     "RewardConfig",
     "compute_score",
+    "lenient_correct",
+    "lenient_roles",
     "make_trl_reward_funcs",
     "parse_solution_text",
     "score_response",
@@ -256,6 +258,33 @@ def score_response(
     response; a malformed solution raises ValueError (TypeError for a wrong type).
     """
     return _score(response, _solution_pairs(solution), config)
+
+
+_ANSWER_MARK = re.compile(r"<answer>|\banswer(?: is)?:", re.IGNORECASE)
+
+
+def lenient_roles(response: str, names: tuple[str, ...] | list[str]) -> tuple[bool, ...] | None:
+    """The roles a response answers with, whatever its format (not a reward: it says what a
+    model knows when it ignores the format): after the last answer marker ("<answer>",
+    "Answer:", "answer is:"), the last "Name is a knight|knave" of each name. None when there
+    is no marker or a name has no role there."""
+    marks = list(_ANSWER_MARK.finditer(response))
+    if not marks:
+        return None
+    tail = response[marks[-1].end():]
+    roles = []
+    for name in names:
+        found = re.findall(rf"(?<!\w){re.escape(name)} is a (knight|knave)\b", tail)
+        if not found:
+            return None
+        roles.append(found[-1] == "knight")
+    return tuple(roles)
+
+
+def lenient_correct(response: str, solution: Mapping[str, bool] | str) -> bool:
+    """`lenient_roles` of the response equal the solution's (name -> is_knight, or its text)."""
+    people = _solution_pairs(solution)
+    return lenient_roles(response, [n for n, _ in people]) == tuple(r for _, r in people)
 
 
 _PREFILLED_DEFAULT = DEFAULT.model_copy(update={"prefilled_think": True})

@@ -36,9 +36,20 @@ def ensure_base(sched: Schedule, registry: Registry, progress: bool = True,
     """Register the preset's model (at `path` when the caller has resolved it) as the run's base."""
     from train.models import resolve_model
 
-    path = path or resolve_model(sched.preset, progress=progress)
-    return registry.add(Checkpoint(id=base_id(sched.run), path=str(path), run=sched.run, stage="base",
-                                   global_step=0, preset=sched.preset, engine="base"))
+    path = Path(path or resolve_model(sched.preset, progress=progress))
+    base = Checkpoint(id=base_id(sched.run), path=str(path), run=sched.run, stage="base",
+                      global_step=0, preset=sched.preset, engine="base")
+    old = next((c for c in registry.checkpoints() if c.id == base.id), None)
+    if old is None or registry.resolve(old) == path.resolve():
+        return registry.add(base)
+    # The base entry points elsewhere (another machine's model cache, a rebuilt organism).
+    # Re-point it while the run has no trained checkpoint; after that it is their parent.
+    if any(c.run == sched.run and c.stage != "base" for c in registry.checkpoints()):
+        raise ScheduleError(
+            f"{registry.path}: {base.id} is registered at {old.path}, but preset {sched.preset} is "
+            f"{path}, and run {sched.run}'s checkpoints were trained from the former; give the "
+            "schedule another `run:` name or remove the run's entries")
+    return registry.add(base, replace=True)
 
 
 def _stage_entries(cks: list[Checkpoint], run: str, stage: str) -> list[Checkpoint]:
