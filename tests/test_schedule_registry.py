@@ -109,3 +109,22 @@ def test_selection(registry_path):
         reg.select(ids=["nope"])
     with pytest.raises(RegistryError, match="no checkpoint matches"):
         reg.select(run="other")
+
+
+def test_the_committed_registry_is_the_empty_template(tmp_path):
+    """ckpts.yaml is tracked and every local run writes to it: the committed version must hold
+    no checkpoint, or a fresh clone would start from paths of another machine."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import REPO
+
+    committed = subprocess.run(["git", "show", "HEAD:ckpts.yaml"], cwd=REPO, capture_output=True,
+                               text=True) if shutil.which("git") else None
+    if committed is None or committed.returncode != 0:      # not a git checkout: the file itself
+        text = (REPO / "ckpts.yaml").read_text()
+    else:
+        text = committed.stdout
+    (tmp_path / "ckpts.yaml").write_text(text)
+    assert Registry(tmp_path / "ckpts.yaml").checkpoints() == []
+    assert "Add an external checkpoint by hand" in text        # the how-to comment is kept
