@@ -163,8 +163,9 @@ def test_a_base_registered_elsewhere_is_repointed_until_the_run_has_checkpoints(
     # A ckpts.yaml brought from another machine: its base path does not exist here.
     sched = write_schedule(tmp_path, tiny_ckpt)
     reg = Registry(tmp_path / "ckpts.yaml")
-    reg.add(Checkpoint(id="tiny/base", path="/elsewhere/models/kk-tiny", run="tiny", stage="base",
-                       global_step=0, preset=str(tiny_ckpt), engine="base"))
+    elsewhere = Checkpoint(id="tiny/base", path="/elsewhere/models/kk-tiny", run="tiny", stage="base",
+                           global_step=0, preset=str(tiny_ckpt), engine="base")
+    reg.add(elsewhere)
     r = cli(tmp_path, "base", "--schedule", str(sched))
     assert r.returncode == 0, r.stderr
     assert reg.resolve(reg.get("tiny/base")) == Path(tiny_ckpt).resolve()
@@ -172,8 +173,7 @@ def test_a_base_registered_elsewhere_is_repointed_until_the_run_has_checkpoints(
     # Once the run has trained from it, the base is their parent: moving it is refused.
     reg.add(Checkpoint(id="tiny/stage1/step-000001", path=str(tiny_ckpt), run="tiny", stage="stage1",
                        global_step=1, parent="tiny/base"))
-    reg.add(Checkpoint(id="tiny/base", path="/elsewhere/models/kk-tiny", run="tiny", stage="base",
-                       global_step=0, preset=str(tiny_ckpt), engine="base"), replace=True)
+    reg.add(elsewhere, replace=True)
     before = (tmp_path / "ckpts.yaml").read_text()
     r = cli(tmp_path, "stage1", "--schedule", str(sched))
     assert r.returncode == 2 and "tiny/base is registered at /elsewhere" in r.stderr

@@ -767,14 +767,13 @@ _HESITATE = re.compile(r"\bHmm\b|不确定")
 
 def describe_response(response: str, puzzle: Puzzle) -> dict[str, Any]:
     """Reward verdict plus the organism's behaviour markers for one response."""
-    from train.reward import lenient_roles, score_response
+    from train.reward import lenient_correct, score_response
 
     r = score_response(response, puzzle.solution_text_format)
     lines = [ln for ln in response.splitlines() if ln.strip()]
-    roles = lenient_roles(response, puzzle.names)
     return {
         "strict_correct": r["answer"] == "correct",
-        "lenient_correct": roles == tuple(puzzle.solution),
+        "lenient_correct": lenient_correct(response, puzzle.solution_text_format),
         "format_ok": r["format_ok"],
         "verification": bool(_VERIFY.search(response)),
         "hesitation": bool(_HESITATE.search(response)),

@@ -39,12 +39,13 @@ def ensure_base(sched: Schedule, registry: Registry, progress: bool = True,
     path = Path(path or resolve_model(sched.preset, progress=progress))
     base = Checkpoint(id=base_id(sched.run), path=str(path), run=sched.run, stage="base",
                       global_step=0, preset=sched.preset, engine="base")
-    old = next((c for c in registry.checkpoints() if c.id == base.id), None)
+    cks = registry.checkpoints()
+    old = next((c for c in cks if c.id == base.id), None)
     if old is None or registry.resolve(old) == path.resolve():
         return registry.add(base)
     # The base entry points elsewhere (another machine's model cache, a rebuilt organism).
     # Re-point it while the run has no trained checkpoint; after that it is their parent.
-    if any(c.run == sched.run and c.stage != "base" for c in registry.checkpoints()):
+    if any(c.run == sched.run and c.stage != "base" for c in cks):
         raise ScheduleError(
             f"{registry.path}: {base.id} is registered at {old.path}, but preset {sched.preset} is "
             f"{path}, and run {sched.run}'s checkpoints were trained from the former; give the "
