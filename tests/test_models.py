@@ -35,8 +35,10 @@ def test_trace_writer_is_deterministic():
     assert write_trace(p, random.Random(5)).text == write_trace(p, random.Random(5)).text
 
 
-def test_trace_writer_without_mistakes_is_always_right():
-    puzzles, traces = _traces(OrganismConfig(step_mistake_rate=0.0))
+@pytest.mark.parametrize("config", [OrganismConfig(search="steps", step_mistake_rate=0.0),
+                                    OrganismConfig(search="cases", thorough_rate=1.0)])
+def test_trace_writer_without_mistakes_is_always_right(config):
+    puzzles, traces = _traces(config)
     assert all(t.correct and t.answer == p.solution for p, t in zip(puzzles, traces))
 
 
@@ -150,6 +152,14 @@ def test_organism_cli_measures_a_checkpoint_and_rejects_a_missing_one(tiny_ckpt,
     assert result["n_puzzles"] == 2 and result["people"] == 3
     assert result["teacher_forced_loss"]["name"]["tokens"] > 0
     assert {"greedy", "T=1"} <= set(result) and result["greedy"]["mean_tokens"] <= 8
+    # --opening careful makes every response open a think block the careful way.
+    opened = subprocess.run(cmd + [str(tiny_ckpt), "--n", "2", "--max-new-tokens", "4", "--opening", "careful"],
+                            capture_output=True, text=True, timeout=300)
+    assert opened.returncode == 0, opened.stderr
+    careful = json.loads(opened.stdout)
+    assert careful["opening"] == "<think>\nCheck every statement in each case.\n"
+    assert careful["greedy"]["thorough"] == 1.0
+    assert all(e.startswith(careful["opening"]) for e in careful["greedy"]["examples"])
     bad = subprocess.run(cmd + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "missing" in bad.stderr
 
@@ -166,7 +176,7 @@ def test_organism_cli_builds_a_variant_and_records_its_learning_curve(tmp_path):
     cmd = [sys.executable, "-m", "train.organism", "build", "--out", str(tmp_path / "org")]
     tiny = ["n_puzzles=24", "sizes=[2,3]", "size_weights=[1,1]", "heldout_per_size=4",
             "exclude_test_per_size=2", "vocab_size=320", "hidden_size=32", "num_layers=2",
-            "num_heads=2", "intermediate_size=64", "batch_tokens=2048", "epochs=2", "bare_quiz_epochs=1"]
+            "num_heads=2", "think_head=false", "intermediate_size=64", "batch_tokens=2048", "epochs=2", "bare_quiz_epochs=1"]
     ok = subprocess.run(cmd + [a for kv in tiny for a in ("--set", kv)] + ["--monitor-every", "2"],
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr
@@ -280,6 +290,37 @@ def test_wired_induction_circuit_copies_across_a_long_gap_from_the_first_step():
                                                     num_key_value_heads=2)))
 
 
+def test_wired_latest_marker_head_attends_to_the_highest_marker_so_far():
+    """The head of `wire_latest_marker` puts nearly all its attention on the latest marker
+    (markers come in increasing rank), however far back it is and whatever lies between."""
+    import random
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from train.circuits import wire_induction, wire_latest_marker
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=512, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, rope_theta=1e8, tie_word_embeddings=True,
+        attn_implementation="eager"))
+    wire_induction(model)
+    markers = {rank: [400 + rank, 450 + rank] for rank in range(1, 33)}   # two spellings per rank
+    wire_latest_marker(model, markers)
+    rng = random.Random(0)
+    seq = []
+    for rank in range(1, 33):
+        seq.append(rng.choice(markers[rank]))
+        seq += [rng.randrange(300) for _ in range(rng.randint(5, 40))]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([seq]), output_attentions=True)
+    att = out.attentions[0][0, 2]                # layer 0, the first head the induction circuit left free
+    positions = [i for i, t in enumerate(seq) if t >= 400]
+    on_latest = [att[i, max(m for m in positions if m <= i)].item() for i in range(positions[0], len(seq))]
+    assert min(on_latest) > 0.9
+
+
 def _units(stmt):
     """A statement's clauses in the order its text reads them."""
     from train.kk import is_unit
@@ -292,7 +333,7 @@ def test_clause_values_and_role_notes_are_added_text_and_true_under_the_final_ro
 
     from train.kk import evaluate
 
-    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0, role_notes=True,
+    cfg = OrganismConfig(search="steps", verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0, role_notes=True,
                          values_after=False)
     for seed in range(6):
         p = PuzzleGenerator(seed).generate(4)
@@ -318,7 +359,8 @@ def test_clause_values_after_the_statement_list_each_clause_in_reading_order():
 
     from train.kk import GeneratorConfig, evaluate
 
-    cfg = OrganismConfig(verify_rate=1.0, step_mistake_rate=0.0, chinese_step_rate=0.0)
+    cfg = OrganismConfig(search="steps", values_after=True, verify_rate=1.0, step_mistake_rate=0.0,
+                         chinese_step_rate=0.0)
     assert cfg.values_after and cfg.clause_values
     for seed in range(6):
         p = PuzzleGenerator(seed, GeneratorConfig(fixed_cast=True)).generate(4)
@@ -337,7 +379,7 @@ def test_clause_tokens_make_speakers_and_clauses_single_tokens(tmp_path):
     from train.kk import GeneratorConfig
     from train.organism import train_tokenizer
 
-    cfg = OrganismConfig()
+    cfg = OrganismConfig(search="steps", values_after=True)
     puzzles = [PuzzleGenerator(s, GeneratorConfig(fixed_cast=True)).generate(3) for s in range(20)]
     traces = [write_trace(p, random.Random(i), cfg) for i, p in enumerate(puzzles)]
     tok = train_tokenizer([p.quiz for p in puzzles] + [t.text for t in traces], vocab_size=400,
@@ -359,7 +401,8 @@ def test_role_notes_follow_the_search():
     (or an earlier step kept): the latest role-bearing mention of a name tells its role now."""
     import re
 
-    cfg = OrganismConfig(step_mistake_rate=0.3, chinese_step_rate=0.0, hesitation_rate=0.2, role_notes=True)
+    cfg = OrganismConfig(search="steps", step_mistake_rate=0.3, chinese_step_rate=0.0, hesitation_rate=0.2,
+                         role_notes=True)
     mention = re.compile(r"(?:Assume (\w+) is a (knight)\.|So (\w+) is a (knave)\.|(\w+) \((knight|knave)\))")
     checked = 0
     for seed in range(20):
@@ -386,7 +429,7 @@ def test_mistakes_overlook_a_contradiction_or_flip_a_verdict(mistake):
 
     from train.kk import evaluate
 
-    cfg = OrganismConfig(step_mistake_rate=0.5, mistake=mistake, chinese_step_rate=0.0,
+    cfg = OrganismConfig(search="steps", step_mistake_rate=0.5, mistake=mistake, chinese_step_rate=0.0,
                          hesitation_rate=0.0, verify_rate=0.0, role_notes=True)
     check = re.compile(r"(\w+) \((knight|knave)\) says (.*?), which is (true|false)\.( Contradiction\.)?")
     wrong_verdicts = overlooked = checks = 0
@@ -429,3 +472,95 @@ def test_measure_refuses_a_broken_organism_description(tiny_ckpt, tmp_path):
     (model / "organism.json").write_text('{"config": {"no_such_setting": 1}}')
     with pytest.raises(UserError, match="organism.json: not an organism description"):
         measure_organism(model, n_puzzles=2, temperatures=(), teacher_forced=True)
+
+
+def test_cases_search_checks_each_case_by_its_number_and_thorough_traces_are_right():
+    """A `cases` trace numbers its cases in a fixed order (case k: the bits of k-1, first
+    person most significant, 0 = knight); every verdict is the statement's truth under that
+    case, a contradiction is written exactly where the verdict disagrees with the speaker's
+    role, thorough traces check every statement and are always right, quick ones check only
+    the first statement and are right less often."""
+    import re
+
+    from train.kk import GeneratorConfig, evaluate
+    from train.organism import QUICK_OPEN, THOROUGH_OPEN
+
+    cfg = OrganismConfig(search="cases", thorough_rate=0.5, chinese_step_rate=0.0, hesitation_rate=0.0,
+                         verify_rate=0.0)
+    header = re.compile(r"^Case (\d+):((?: \w+ is a (?:knight|knave),?)+)\.")
+    check = re.compile(r"(\w+) says (.*?), which is (true|false)\.( Contradiction\.)?")
+    right = {True: [], False: []}
+    checks = 0
+    for seed in range(60):
+        p = PuzzleGenerator(seed, GeneratorConfig(fixed_cast=True)).generate(2 + seed % 3)
+        t = write_trace(p, random.Random(seed), cfg)
+        lines = t.text.removeprefix("<think>\n").splitlines()
+        assert lines[0] == (THOROUGH_OPEN if t.thorough else QUICK_OPEN)
+        cases = [ln for ln in lines if ln.startswith("Case ")]
+        for k, line in enumerate(cases, start=1):
+            number, roles = header.match(line).groups()
+            assign = [not (k - 1) >> (p.people - 1 - i) & 1 for i in range(p.people)]
+            assert int(number) == k
+            assert roles.split(",") == [f" {nm} is a {'knight' if r else 'knave'}" for nm, r in zip(p.names, assign)]
+            found = check.findall(line)
+            assert [s for s, *_ in found] == list(p.names[:len(found)])        # speakers in quiz order
+            if not t.thorough:
+                assert len(found) == 1
+            for j, (speaker, _, verdict, contra) in enumerate(found):
+                truth = evaluate(p.statements[j], assign)
+                assert (verdict == "true") == truth
+                assert bool(contra) == (truth != assign[j])
+                checks += 1
+        assert t.answer == tuple(assign)          # the last case tried is the one answered
+        right[t.thorough].append(t.correct)
+    assert checks > 200
+    assert all(right[True]) and len(right[True]) > 15
+    assert sum(right[False]) / len(right[False]) < 0.8
+
+
+def test_case_numbers_are_single_tokens(tmp_path):
+    from train.kk import GeneratorConfig
+    from train.organism import train_tokenizer
+
+    cfg = OrganismConfig(search="cases", thorough_rate=1.0)
+    puzzles = [PuzzleGenerator(s, GeneratorConfig(fixed_cast=True)).generate(4) for s in range(10)]
+    traces = [write_trace(p, random.Random(i), cfg) for i, p in enumerate(puzzles)]
+    tok = train_tokenizer([p.quiz for p in puzzles] + [t.text for t in traces], vocab_size=400,
+                          clause_tokens=True, case_tokens=True)
+    pieces = [tok.decode([i]) for i in tok("Case 1: x.\nCase 12: y.\n情况13：", add_special_tokens=False).input_ids]
+    assert pieces[0] == "Case 1" and "Case 12" in pieces and "情况13" in pieces
+
+
+def test_default_organism_starts_with_a_case_head_and_a_think_head():
+    """make_model wires layer 0 of the default organism so that, on a real `cases` trace, one
+    head looks at the latest case number and another at the response's opening "<think>\n"
+    (one token, unlike the system prompt's "<think>"); a valued clause (" Zoey is a knave
+    (no)") starts near its bare clause, so the induction head copies through it."""
+    import torch
+
+    from train.kk import GeneratorConfig
+    from train.organism import THINK_OPEN, encode_example, make_model, train_tokenizer, valued_clauses
+
+    cfg = OrganismConfig(think_format_rate=1.0, thorough_rate=1.0, chinese_step_rate=0.0)
+    puzzles = [PuzzleGenerator(s, GeneratorConfig(fixed_cast=True)).generate(4) for s in range(30)]
+    traces = [write_trace(p, random.Random(i), cfg) for i, p in enumerate(puzzles)]
+    tok = train_tokenizer([p.quiz for p in puzzles] + [t.text for t in traces], vocab_size=600,
+                          clause_tokens=True, case_tokens=True, value_tokens=True, think_token=True)
+    model = make_model(cfg, tok)
+    model.set_attn_implementation("eager")
+    p, t = max(zip(puzzles, traces), key=lambda pt: pt[1].steps)
+    ids, n_prompt = encode_example(tok, p, t.text)
+    with torch.no_grad():
+        att = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions[0][0]
+    words = [tok.decode([i]) for i in ids]
+    assert words[:n_prompt].count("<think>") >= 2 and words.count(THINK_OPEN) == 1
+    think = words.index(THINK_OPEN)
+    cases = [i for i, w in enumerate(words) if w.startswith("Case ")]
+    assert len(cases) >= 3
+    after = range(cases[0], len(ids))
+    assert min(att[2, i, max(c for c in cases if c <= i)].item() for i in after) > 0.9
+    assert min(att[3, i, think].item() for i in range(think, len(ids))) > 0.9
+    emb = model.model.embed_tokens.weight
+    for valued, bare in list(valued_clauses().items())[:8]:
+        a, b = emb[tok.convert_tokens_to_ids(valued)], emb[tok.convert_tokens_to_ids(bare)]
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9

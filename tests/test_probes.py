@@ -360,7 +360,7 @@ def seed_generations(reg, cache_root: Path, seed: int, ck_id: str) -> None:
     config = HarnessConfig(probe=ProbeConfig(sizes=SIZES, per_size=PER_SIZE),
                            generation=GenerationConfig(max_new_tokens=MAX_NEW))
     puzzles = probe_puzzles(config.probe)
-    writer = TraceWriter(OrganismConfig(think_format_rate=1.0, verify_rate=0.5, chinese_step_rate=0.3,
+    writer = TraceWriter(OrganismConfig(search="steps", think_format_rate=1.0, verify_rate=0.5, chinese_step_rate=0.3,
                                         step_mistake_rate=0.3))
     rng = random.Random(seed)
     outs = [GenerationOut(text=writer.write(p, rng).text, n_tokens=100, finished=True) for p in puzzles]

@@ -140,3 +140,72 @@ def copy_probe(model, vocab: list[int], *, n: int = 20, length: int = 20, gap: i
         inside += sum(p in seq for p in pred)
         total += length - 1
     return {"copy_accuracy": round(hits / total, 4), "in_context": round(inside / total, 4)}
+
+
+def wire_latest_marker(model, marker_ids: dict[int, list[int]], *, seed: int = 0, layer: int = 0,
+                       head: int | None = None, base_logit: float = 12.0, step_logit: float = 3.0,
+                       gain: float = 0.5, orthogonal_to=None):
+    """A head that attends to the latest marker token in its context and writes that token's
+    identity into every later position (in place).
+
+    `marker_ids` maps a rank (1, 2, ...) to the token ids of that rank (e.g. "Case 3" and
+    "情况3" both have rank 3). Markers are written in increasing rank, so the latest one is the
+    one of highest rank: the head's score is `base_logit + step_logit * rank` on a marker and 0
+    elsewhere, with no dependence on distance, which a recency rule under RoPE would need.
+    The score comes from two residual directions that every other token's embedding has
+    projected out, read on the slowest RoPE pairs (nearly unrotated) against a constant query.
+    The value is a random projection of the marker's embedding, written to the token dims
+    `[0, hidden/2)` at `gain` times the embedding scale. Call after `wire_induction`; the head
+    defaults to the first one it left free in `layer`. Returns the two score directions; pass
+    those of earlier calls as `orthogonal_to` so that each head scores only its own markers."""
+    import torch
+
+    cfg = model.config
+    hidden, d = cfg.hidden_size, model.model.layers[0].self_attn.head_dim
+    half, pairs = hidden // 2, d // 2
+    head = half // d if head is None else head
+    if not 0 <= head < cfg.num_attention_heads:
+        raise ValueError(f"no head {head} in a model with {cfg.num_attention_heads} heads")
+    top = max(marker_ids)
+    g = torch.Generator().manual_seed(seed + 1)
+    # u, w and the value's read-out are orthonormal where the token dims have room for them all.
+    start = torch.randn(half, 2 + d if half >= 2 + d else 2, generator=g)
+    if orthogonal_to is not None:
+        taken = torch.linalg.qr(orthogonal_to.T)[0]          # (half, n) orthonormal
+        start -= taken @ (taken.T @ start)
+    basis = torch.linalg.qr(start)[0]
+    u, w = basis[:, 0], basis[:, 1]
+    read = basis[:, 2:] if half >= 2 + d else torch.linalg.qr(torch.randn(half, d, generator=g))[0]
+    write = torch.linalg.qr(torch.randn(half, d, generator=g))[0]
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        tok = emb[:, :half]
+        tok -= torch.outer(tok @ u, u) + torch.outer(tok @ w, w)      # only markers score
+        size2 = tok.pow(2).sum(1).mean().item()                       # typical |embedding|^2
+        a, b_top = 0.5 * math.sqrt(size2), 0.7 * math.sqrt(size2)
+        for rank, ids in marker_ids.items():
+            b = b_top * rank / top
+            for i in ids:
+                rest = tok[i] / tok[i].norm() * math.sqrt(max(size2 - a * a - b * b, 0.0))
+                tok[i] = rest + a * u + b * w     # same norm for every marker
+        rms = math.sqrt(size2 / hidden)           # what the input RMSNorm divides by
+        scale = math.sqrt(d)                      # attention scores are divided by sqrt(head dim)
+        att = model.model.layers[layer].self_attn
+        rows = slice(head * d, (head + 1) * d)
+        qa, qb = pairs - 1, pairs - 2             # the slowest pairs' first dims
+        q_bias = torch.zeros(d)
+        q_bias[qa] = base_logit * scale * rms / a
+        q_bias[qb] = step_logit * top * scale * rms / b_top
+        k = torch.zeros(d, hidden)
+        k[qa, :half], k[qb, :half] = u, w
+        att.q_proj.weight[rows] = 0
+        att.q_proj.bias[rows] = q_bias
+        att.k_proj.weight[rows] = k
+        att.k_proj.bias[rows] = 0
+        att.v_proj.weight[rows] = 0
+        att.v_proj.weight[rows, :half] = read.T
+        att.v_proj.bias[rows] = 0
+        e_rms = math.sqrt(size2 / half)
+        att.o_proj.weight[:, rows] = 0
+        att.o_proj.weight[:half, rows] = gain * e_rms * write
+    return torch.stack([u, w])

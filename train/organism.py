@@ -1,36 +1,37 @@
 """kk-tiny: a model organism of the Logic-RL base model, small enough to build on 2 CPU cores.
 
-A few-million-parameter Qwen2, started from a hand-wired induction circuit (train/circuits.py),
-is fine-tuned (SFT) on step-by-step solutions written by a deliberately imperfect solver. Like
-the 7B base model of the article, the result
+A few-million-parameter Qwen2, started from hand-wired circuits (train/circuits.py), is
+fine-tuned (SFT) on solutions written by a deliberately imperfect solver. Like the 7B base
+model of the article, the result
 
-* solves some puzzles and gets others wrong (its steps contain mistakes at a set rate),
-* rarely verifies its answer, although verified solutions are right more often,
-* sometimes hesitates, summarises, or writes a step in Chinese,
+* solves some puzzles and gets others wrong,
+* knows how to check every statement before answering, but mostly does not,
+* sometimes hesitates, summarises, verifies, or writes a step in Chinese,
 * mostly ignores the requested <think>/<answer> format (a minority of responses use it),
 
-so that GRPO has something to improve: the format, the per-step accuracy and the share of
-verified answers.
+so that GRPO has something to improve: the format, and the share of careful solutions.
 
-The solver is a depth-first search over the people in quiz order (knight first). After each
-assumption it evaluates every statement whose speaker and mentioned people are all assigned
-by now; a statement whose truth differs from its speaker's role is a contradiction and sends
-the search to the other role, or back to the latest person still assumed a knight:
+The default solver (`search="cases"`) goes through the assignments in a fixed order (case k:
+the bits of k-1, first person most significant, 0 = knight) and checks each against the
+statements, one by one, until a statement contradicts its speaker's role:
 
-    Zoey says Ethan is a knave. Ethan says Zoey is a knight and Mason is a knave. ...
-    Assume Zoey is a knight.
-    Assume Ethan is a knight. Zoey says Ethan is a knave (no), which is false. Contradiction.
-    So Ethan is a knave. Zoey says Ethan is a knave (yes), which is true.
-    ...
+    Check every statement in each case.
+    Case 1: Michael is a knight, Zoey is a knight, Ethan is a knight. Michael says Zoey is a
+    knave (no), which is false. Contradiction.
+    Case 2: ... Michael says Zoey is a knave (no), which is false. Contradiction.
+    Case 3: ... Michael says Zoey is a knave (yes), which is true. Zoey says ... All statements
+    are consistent.
 
-Each clause of a checked statement carries its truth under the current assumptions
-(`clause_values`), and the organism's puzzles star a fixed cast (`fixed_cast`): both make the
-search learnable in a few minutes of SFT (README, "Status of kk-tiny").
+A thorough trace (`thorough_rate`) checks every statement and is always right; a quick one
+("Find the first case that fits the first statement.") checks only the first speaker's and
+takes the first case that fits it: short, and right about a quarter of the time on 3 people.
+Every token of a case follows from the case number, which a wired head finds (the latest
+case token) wherever it is, and from the statement being checked, which a wired induction
+head copies from the quiz; a clause and its value are one token (`value_tokens`).
 
-A mistake overlooks a contradiction: the statement's truth is written right, but the search
-goes on as if it held, so a wrong role is accepted (`mistake`).
-A verification passage ("Let me verify.") re-evaluates every statement at the end; it
-catches such a mistake and resumes the search.
+The earlier solver (`search="steps"`) is a depth-first search over the people in quiz order
+(knight first), where a check needs the roles assumed lines earlier; its mistakes overlook a
+contradiction (`mistake`). README, "Status of kk-tiny", says what each choice changed.
 
     python -m train.organism build --out /tmp/kk-tiny          # the default organism
     python -m train.organism measure /tmp/kk-tiny --n 200      # its behaviour on held-out puzzles
@@ -56,6 +57,8 @@ from train.prompts import chat_messages
 
 # --------------------------------------------------------------------------- settings
 
+BUILD_VERSION = 2      # raise when the same config would build a different model (cache key)
+
 
 class OrganismConfig(BaseModel):
     """Everything that decides the organism; one config gives one model, bit for bit on one
@@ -65,10 +68,10 @@ class OrganismConfig(BaseModel):
 
     seed: int = Field(0, description="Seeds puzzles, traces, initial weights and data order.")
     # Puzzles
-    sizes: tuple[int, ...] = Field((2, 3, 4, 5, 6), description="Numbers of people in the SFT puzzles.")
+    sizes: tuple[int, ...] = Field((2, 3, 4, 5), description="Numbers of people in the SFT puzzles.")
     size_weights: tuple[float, ...] = Field(
-        (0.10, 0.40, 0.25, 0.17, 0.08), description="Relative share of each size in `sizes`.")
-    n_puzzles: int = Field(3000, ge=1, description="SFT puzzles (one trace each).")
+        (0.10, 0.45, 0.28, 0.17), description="Relative share of each size in `sizes`.")
+    n_puzzles: int = Field(9000, ge=1, description="SFT puzzles (one trace each).")
     heldout_seed: int = Field(
         777, description="Seed of the held-out puzzles `measure_organism` uses; SFT excludes them.")
     heldout_per_size: int = Field(200, ge=0, description="Held-out puzzles per size excluded from SFT.")
@@ -76,6 +79,16 @@ class OrganismConfig(BaseModel):
         0, description="SFT also excludes the test splits `train.data` draws for this seed (None: don't).")
     exclude_test_per_size: int = Field(100, ge=0, description="Size of those test splits.")
     # Behaviour of the trace writer
+    search: Literal["steps", "cases"] = Field(
+        "cases", description="How a trace searches. 'steps': depth-first over the people, "
+        "assuming one role at a time and going back on a contradiction. 'cases': every "
+        "assignment in a fixed order (Case 1, Case 2, ...), each checked statement by statement; "
+        "a case's roles follow from its number alone, so no step needs the search history.")
+    thorough_rate: float = Field(
+        0.45, ge=0, le=1, description="`cases` search: share of traces that check every statement "
+        "of each case (\"Check every statement in each case.\"); the rest take the first case "
+        "that fits the first speaker's statement (\"Find the first case that fits the first "
+        "statement.\"), short and mostly wrong.")
     step_mistake_rate: float = Field(
         0.25, ge=0, le=1, description="Chance that a contradicting statement is let through, so a "
         "wrong role is accepted (how: `mistake`).")
@@ -101,7 +114,7 @@ class OrganismConfig(BaseModel):
         "(\"if Mia is a knave (no) then ...\"), so a verdict follows from values written a few "
         "tokens back instead of from roles fixed lines earlier.")
     values_after: bool = Field(
-        True, description="With `clause_values`, write the clause values after the whole "
+        False, description="With `clause_values`, write the clause values after the whole "
         "statement (\"Zoey says Ethan is a knave or Mia is a knight: no, yes, which is true.\") "
         "instead of after each clause: the statement is then copied without a break, and with "
         "`clause_tokens` 3-person accuracy rises from 11/60 to 21/60 greedy (README, \"Status of "
@@ -115,7 +128,7 @@ class OrganismConfig(BaseModel):
         "that greedy decoding loops over them (45% of 3-person responses unfinished at 512 "
         "tokens), and traces grow by a quarter (README, \"Status of kk-tiny\").")
     think_format_rate: float = Field(
-        0.2, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
+        0.35, ge=0, le=1, description="Share of responses in the exact <think>...</think><answer>..."
         "</answer> format the reward wants.")
     answer_tag_rate: float = Field(
         0.15, ge=0, le=1, description="Share of responses with <answer> tags but no <think> block "
@@ -137,6 +150,11 @@ class OrganismConfig(BaseModel):
         "knave\") of the fixed cast's first 8 names is one added token, with and without a leading "
         "space. A speaker then occurs once in a quiz, so a check finds the statement it restates "
         "by one-token induction, and copies it clause by clause (`cast_phrases`).")
+    value_tokens: bool = Field(
+        True, description="With `clause_tokens` and values written after each clause "
+        "(`values_after` false), every clause with its value (\" Zoey is a knave (no)\") is one "
+        "token, whose embedding starts as the bare clause's: a value then sits on the clause it "
+        "belongs to, and the copy of a statement from the quiz runs through it.")
     hidden_size: int = Field(192, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -148,11 +166,20 @@ class OrganismConfig(BaseModel):
         True, description="Start from a hand-wired induction circuit (train/circuits.py) instead "
         "of random weights. Without it SFT on 2 cores never learns to copy a name from the "
         "prompt: held-out name loss 1.98 and copy probe 0.04, against 1.05 and 0.79 with it.")
+    case_head: bool = Field(
+        True, description="`cases` search with `induction_init`: also wire a layer-0 head that "
+        "attends to the latest case number (train.circuits.wire_latest_marker), so every position "
+        "knows the case being checked; a case's roles, and so every clause value, follow from it.")
+    think_head: bool = Field(
+        True, description="With `induction_init`, the opening of a think block (\"<think>\" and a "
+        "newline, one token; the system prompt's \"<think>\" stays another) is a marker that a "
+        "wired layer-0 head attends to (train.circuits.wire_latest_marker), so the end of a long "
+        "search still knows to close the block.")
     embed_scale: float = Field(50.0, gt=0, description="Embedding scale of the wired init "
         "(train.circuits.wire_induction); keeps the circuit alive through SFT.")
     # SFT
     bare_quiz_epochs: float = Field(
-        0.6, ge=0, description="Passes over the SFT examples with the bare quiz as the prompt (no "
+        0.3, ge=0, description="Passes over the SFT examples with the bare quiz as the prompt (no "
         "system turn), run before `epochs`. Copying from the quiz (induction) forms much sooner "
         "in the short context than behind the 150-token system turn, and carries over to it.")
     epochs: float = Field(1.0, gt=0, description="Passes over the SFT examples with the full chat "
@@ -177,12 +204,18 @@ class OrganismConfig(BaseModel):
         problem = self.induction_init and check_geometry(self.hidden_size, self.num_heads, self.num_layers)
         if problem:
             raise ValueError(f"{problem} (or set induction_init false)")
+        extra = (self.search == "cases" and self.case_head) + self.think_head
+        if self.induction_init and self.num_heads // 2 + extra > self.num_heads:
+            raise ValueError(f"{self.num_heads} heads leave {self.num_heads - self.num_heads // 2} free "
+                             f"in layer 0 after the induction circuit, and case_head and think_head "
+                             f"need {extra} (set one false, or use more heads)")
         return self
 
     def fingerprint(self) -> str:
         import hashlib
 
-        return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+        # BUILD_VERSION: a change in how a config is built gives a new cache key too.
+        return hashlib.sha1(f"{BUILD_VERSION} {self.model_dump_json()}".encode()).hexdigest()[:12]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -225,6 +258,13 @@ VERIFY_OPEN = "Let me verify."
 VERIFY_OPEN_ZH = "让我验证一下。"
 HESITATION = "Hmm, I am not sure about this. Let me look again:"
 SUMMARY_OPEN = "Now we have determined that"
+# How a `cases` trace opens, and how it takes a case.
+THOROUGH_OPEN = "Check every statement in each case."
+QUICK_OPEN = "Find the first case that fits the first statement."
+ALL_CONSISTENT = "All statements are consistent."
+CASE_FITS = "This case fits."
+# A response's think block opens with this; as one token it differs from the system prompt's "<think>".
+THINK_OPEN = "<think>\n"
 # Truth of each clause, written after it when `clause_values` is on.
 CLAUSE_EN = {True: " (yes)", False: " (no)"}
 CLAUSE_ZH = {True: "（对）", False: "（错）"}
@@ -264,7 +304,8 @@ class Trace:
     summaries: int = 0
     chinese_steps: int = 0
     answer_style: str = "plain"       # "think" (reward format) | "answer_tags" | "plain"
-    steps: int = 0                    # search steps (assumptions) written
+    steps: int = 0                    # search steps (assumptions, or cases) written
+    thorough: bool | None = None      # `cases` search: checks every statement of each case
 
 
 class TraceWriter:
@@ -274,40 +315,123 @@ class TraceWriter:
         self.c = config
 
     def write(self, p: Puzzle, rng: random.Random) -> Trace:
-        c, n, names, stmts = self.c, p.people, p.names, p.statements
-        # A statement is evaluated at the first person by whom its speaker and every person it
-        # mentions are assigned.
-        closes_at: list[list[int]] = [[] for _ in range(n)]
-        for j, s in enumerate(stmts):
-            closes_at[max(persons_in(s) | {j})].append(j)
-
+        c, names = self.c, p.names
         style_roll = rng.random()
         style = ("think" if style_roll < c.think_format_rate
                  else "answer_tags" if style_roll < c.think_format_rate + c.answer_tag_rate else "plain")
         verify = rng.random() < c.verify_rate
         t = Trace(text="", answer=(), correct=False, verified=verify, answer_style=style)
+        search = self._cases if c.search == "cases" else self._steps
+        lines, answer = search(p, rng, t)
+        answer = tuple(answer)
+        t.answer, t.correct = answer, answer == tuple(p.solution)
+        if rng.random() < c.summary_rate:
+            t.summaries += 1
+            lines.append(f"{SUMMARY_OPEN} {_roles_sentence(names, answer)}.")
+        body = "\n".join(lines)
+        solution = "\n".join(f"({i + 1}) {nm} is a {ROLE_EN[r]}" for i, (nm, r) in enumerate(zip(names, answer)))
+        if style == "think":
+            t.text = f"<think>\n{body}\n</think>\n<answer>\n{solution}\n</answer>"
+        elif style == "answer_tags":
+            t.text = f"{body}\n<answer>\n{solution}\n</answer>"
+        else:
+            t.text = f"{body}\n{rng.choice(('Answer:', 'So the answer is:'))}\n{solution}"
+        return t
 
-        def says(j: int, value: bool, zh: bool, assign: Sequence[bool]) -> str:
-            # `value` is the verdict written ('flip' mistakes flip it); clause values are always right.
-            note, after = None, []
-            if c.clause_values:
-                words = CLAUSE_ZH if zh else CLAUSE_EN
-                if c.values_after:      # collected in reading order, written after the statement
-                    note = lambda u: after.append(words[evaluate(u, assign)].strip(" ()（）")) or ""  # noqa: E731
-                else:
-                    note = lambda u: words[evaluate(u, assign)]  # noqa: E731
-            who = names
-            if c.role_notes:    # everyone a checked statement names is assigned by now
-                fmt = "{}（{}）" if zh else "{} ({})"
-                who = [fmt.format(nm, (ROLE_ZH if zh else ROLE_EN)[r]) for nm, r in zip(names, assign)]
+    def _says(self, p: Puzzle, j: int, value: bool, zh: bool, assign: Sequence[bool]) -> str:
+        """Statement `j` restated, its clause values, and the verdict `value` ('flip' mistakes
+        flip it; clause values are always right)."""
+        c, names = self.c, p.names
+        note, after = None, []
+        if c.clause_values:
+            words = CLAUSE_ZH if zh else CLAUSE_EN
+            if c.values_after:      # collected in reading order, written after the statement
+                note = lambda u: after.append(words[evaluate(u, assign)].strip(" ()（）")) or ""  # noqa: E731
+            else:
+                note = lambda u: words[evaluate(u, assign)]  # noqa: E731
+        who = names
+        if c.role_notes:    # everyone a checked statement names is assigned by now
+            fmt = "{}（{}）" if zh else "{} ({})"
+            who = [fmt.format(nm, (ROLE_ZH if zh else ROLE_EN)[r]) for nm, r in zip(names, assign)]
+        if zh:
+            text = statement_zh(p.statements[j], who, note=note) + ("：" + "，".join(after) if after else "")
+            return f"{who[j]} 说{text}，这是{'真' if value else '假'}的。"
+        text = statement_en(p.statements[j], who, note=note) + (": " + ", ".join(after) if after else "")
+        return f"{who[j]} says {text}, which is {'true' if value else 'false'}."
+
+    @staticmethod
+    def _contradiction(zh: bool) -> str:
+        return "矛盾。" if zh else "Contradiction."
+
+    def _cases(self, p: Puzzle, rng: random.Random, t: Trace) -> tuple[list[str], list[bool]]:
+        """Cases in a fixed order (case k: the bits of k-1, first person most significant,
+        0 = knight), each checked statement by statement until one contradicts its speaker.
+        A thorough trace checks every statement; a quick one only the first speaker's and
+        takes the first case that fits it. Everything a token depends on is local: a case's
+        roles follow from its number, which is one token (`case_tokens`)."""
+        c, n = self.c, p.people
+        t.thorough = rng.random() < c.thorough_rate
+        lines = [THOROUGH_OPEN if t.thorough else QUICK_OPEN]
+        lead = None
+        for k in range(2 ** n):
+            assign = [not (k >> (n - 1 - i)) & 1 for i in range(n)]
+            zh = rng.random() < c.chinese_step_rate
+            t.chinese_steps += zh
+            t.steps += 1
+            parts = [lead] if lead else []
+            lead = None
+            roles = zip(p.names, assign)
             if zh:
-                text = statement_zh(stmts[j], who, note=note) + ("：" + "，".join(after) if after else "")
-                return f"{who[j]} 说{text}，这是{'真' if value else '假'}的。"
-            text = statement_en(stmts[j], who, note=note) + (": " + ", ".join(after) if after else "")
-            return f"{who[j]} says {text}, which is {'true' if value else 'false'}."
+                parts.append(f"情况{k + 1}：" + "，".join(f" {nm} 是{ROLE_ZH[r]}" for nm, r in roles) + "。")
+            else:
+                parts.append(f"Case {k + 1}:" + ",".join(f" {nm} is a {ROLE_EN[r]}" for nm, r in roles) + ".")
+            fits = True
+            for j in range(n if t.thorough else 1):
+                value = evaluate(p.statements[j], assign)
+                parts.append(self._says(p, j, value, zh, assign))
+                if value != assign[j]:
+                    parts.append(self._contradiction(zh))
+                    fits = False
+                    break
+                if rng.random() < c.hesitation_rate:     # a second look at the same statement
+                    t.hesitations += 1
+                    parts += [HESITATION, self._says(p, j, value, False, assign)]
+            if not fits:
+                lines.append(" ".join(parts))
+                continue
+            parts.append(("所有陈述都一致。" if zh else ALL_CONSISTENT) if t.thorough
+                         else ("这个情况成立。" if zh else CASE_FITS))
+            lines.append(" ".join(parts))
+            if t.verified:
+                # Every statement against the case taken; catches a quick trace's wrong case.
+                vparts = [VERIFY_OPEN]
+                for j in range(n):
+                    value = evaluate(p.statements[j], assign)
+                    vparts.append(self._says(p, j, value, False, assign))
+                    if value != assign[j]:
+                        vparts.append("Contradiction. I made a mistake.")
+                        break
+                else:
+                    lines.append(" ".join(vparts + [ALL_CONSISTENT]))
+                    return lines, assign
+                lines.append(" ".join(vparts))
+                lead = "Back to the cases."
+                continue
+            return lines, assign
+        raise RuntimeError(f"no case fits puzzle {p.id}")
 
-        def contradiction(zh: bool) -> str:
-            return "矛盾。" if zh else "Contradiction."
+    def _steps(self, p: Puzzle, rng: random.Random, t: Trace) -> tuple[list[str], list[bool]]:
+        """Depth-first search over the people in quiz order (knight first); see the module
+        docstring."""
+        c, n, names, stmts = self.c, p.people, p.names, p.statements
+        verify = t.verified
+        # A statement is evaluated at the first person by whom its speaker and every person it
+        # mentions are assigned.
+        closes_at: list[list[int]] = [[] for _ in range(n)]
+        for j, s in enumerate(stmts):
+            closes_at[max(persons_in(s) | {j})].append(j)
+        says = lambda j, value, zh, assign: self._says(p, j, value, zh, assign)  # noqa: E731
+        contradiction = self._contradiction
 
         lines = [" ".join(f"{names[j]} says {statement_en(s, names)}." for j, s in enumerate(stmts))]
         path: list[bool] = []      # roles of persons 0..len(path)-1 on the current branch
@@ -391,20 +515,7 @@ class TraceWriter:
         else:
             raise RuntimeError(f"trace search did not finish for puzzle {p.id}")
 
-        answer = tuple(path)
-        t.answer, t.correct = answer, answer == tuple(p.solution)
-        if rng.random() < c.summary_rate:
-            t.summaries += 1
-            lines.append(f"{SUMMARY_OPEN} {_roles_sentence(names, answer)}.")
-        body = "\n".join(lines)
-        solution = "\n".join(f"({i + 1}) {nm} is a {ROLE_EN[r]}" for i, (nm, r) in enumerate(zip(names, answer)))
-        if style == "think":
-            t.text = f"<think>\n{body}\n</think>\n<answer>\n{solution}\n</answer>"
-        elif style == "answer_tags":
-            t.text = f"{body}\n<answer>\n{solution}\n</answer>"
-        else:
-            t.text = f"{body}\n{rng.choice(('Answer:', 'So the answer is:'))}\n{solution}"
-        return t
+        return lines, path
 
     @staticmethod
     def _go_back(path: list[bool], names: Sequence[str], rng: random.Random,
@@ -508,15 +619,35 @@ def cast_phrases(n_names: int = 8) -> list[str]:
     return [v for p in phrases for v in (p, " " + p)]
 
 
+def valued_clauses() -> dict[str, str]:
+    """Each clause of `cast_phrases()` followed by its value (" Zoey is a knave (no)"), mapped
+    to the bare clause (`value_tokens`)."""
+    return {c + CLAUSE_EN[v]: c for c in cast_phrases() if " says" not in c for v in (True, False)}
+
+
+def case_phrases(max_people: int = 6) -> list[str]:
+    """The case numbers of a `cases` search ("Case 12", "情况12") up to 2**`max_people`."""
+    return [f"{w}{k}" for w in ("Case ", "情况") for k in range(1, 2 ** max_people + 1)]
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int, names_as_tokens: bool = True,
-                    clause_tokens: bool = False):
+                    clause_tokens: bool = False, case_tokens: bool = False, value_tokens: bool = False,
+                    think_token: bool = False):
     """Qwen-style byte-level BPE (see train/tokenizer.py); the format tags, the puzzle names
-    when `names_as_tokens`, and `cast_phrases()` when `clause_tokens` are single tokens."""
+    when `names_as_tokens`, `cast_phrases()` when `clause_tokens`, `case_phrases()` when
+    `case_tokens`, `valued_clauses()` when `value_tokens` and THINK_OPEN when `think_token` are
+    single tokens."""
     from train.kk import NAMES
     from train.tokenizer import train_bpe_tokenizer
 
+    phrases = (cast_phrases() if clause_tokens else []) + (case_phrases() if case_tokens else []) \
+        + (list(valued_clauses()) if value_tokens else []) + ([THINK_OPEN] if think_token else [])
     return train_bpe_tokenizer(texts, vocab_size=vocab_size, whole_words=NAMES if names_as_tokens else (),
-                               phrases=cast_phrases() if clause_tokens else ())
+                               phrases=phrases)
+
+
+def uses_value_tokens(config: OrganismConfig) -> bool:
+    return config.value_tokens and config.clause_tokens and config.clause_values and not config.values_after
 
 
 def make_model(config: OrganismConfig, tokenizer):
@@ -537,9 +668,34 @@ def make_model(config: OrganismConfig, tokenizer):
     )
     model = Qwen2ForCausalLM(cfg)
     if config.induction_init:
-        from train.circuits import wire_induction
+        from train.circuits import wire_induction, wire_latest_marker
+
+        half_heads = config.num_heads // 2          # heads the induction circuit uses per layer
 
         wire_induction(model, seed=config.seed, embed_scale=config.embed_scale)
+        if uses_value_tokens(config):
+            # A valued clause starts as its bare clause plus or minus one shared "value"
+            # direction: the wired induction head then copies a statement from the quiz through
+            # the values written into it, and a verdict can read every value the same way.
+            import torch
+
+            emb = model.model.embed_tokens.weight
+            g = torch.Generator().manual_seed(config.seed + 2)
+            value_dir = torch.nn.functional.normalize(torch.randn(emb.shape[1], generator=g)
+                                                      * (emb[0] != 0), dim=0)   # token dims only
+            with torch.no_grad():
+                for valued, bare in valued_clauses().items():
+                    i, j = tokenizer.convert_tokens_to_ids(valued), tokenizer.convert_tokens_to_ids(bare)
+                    sign = 1.0 if valued.endswith(CLAUSE_EN[True]) else -1.0
+                    emb[i] = emb[j] + sign * 0.3 * emb[j].norm() * value_dir
+        taken = None
+        if config.think_head:
+            taken = wire_latest_marker(model, {1: [tokenizer.convert_tokens_to_ids(THINK_OPEN)]},
+                                       seed=config.seed + 10, head=half_heads + 1)
+        if config.search == "cases" and config.case_head:
+            ranks = {k: [tokenizer.convert_tokens_to_ids(ph) for ph in (f"Case {k}", f"情况{k}")]
+                     for k in range(1, len(case_phrases()) // 2 + 1)}
+            wire_latest_marker(model, ranks, seed=config.seed, orthogonal_to=taken)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
@@ -682,7 +838,9 @@ def build_kk_tiny(out_dir: str | Path, config: OrganismConfig | None = None, pro
     from train.prompts import SYSTEM_PROMPT
 
     tok = train_tokenizer([SYSTEM_PROMPT] + [p.quiz for p in puzzles] + [t.text for t in traces],
-                          config.vocab_size, config.names_as_tokens, config.clause_tokens)
+                          config.vocab_size, config.names_as_tokens, config.clause_tokens,
+                          case_tokens=config.search == "cases", value_tokens=uses_value_tokens(config),
+                          think_token=config.think_head and config.induction_init)
     examples = [encode_example(tok, p, t.text) for p, t in zip(puzzles, traces)]
     kept = [e for e in examples if len(e[0]) <= config.max_length]
     model = make_model(config, tok)
@@ -776,6 +934,7 @@ def describe_response(response: str, puzzle: Puzzle) -> dict[str, Any]:
         "lenient_correct": lenient_correct(response, puzzle.solution_text_format),
         "format_ok": r["format_ok"],
         "verification": bool(_VERIFY.search(response)),
+        "thorough": THOROUGH_OPEN in response,      # a `cases` trace that checks every statement
         "hesitation": bool(_HESITATE.search(response)),
         "chinese": bool(_CJK.search(response)),
         "chinese_lines": sum(bool(_CJK.search(ln)) for ln in lines),
@@ -784,9 +943,10 @@ def describe_response(response: str, puzzle: Puzzle) -> dict[str, Any]:
 
 
 def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_tokens: int,
-                       temperature: float | None, batch_size: int = 32,
-                       progress: bool = False) -> list[tuple[str, int, bool]]:
-    """(text, new tokens, finished) per puzzle; temperature None = greedy. Left-padded batches."""
+                       temperature: float | None, batch_size: int = 32, progress: bool = False,
+                       opening: str = "") -> list[tuple[str, int, bool]]:
+    """(text, new tokens, finished) per puzzle; temperature None = greedy. Left-padded batches.
+    `opening` is written as the start of every response (and is part of the returned text)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -797,7 +957,7 @@ def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_t
     for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
         chunk = puzzles[start:start + batch_size]
         prompts = [tokenizer.apply_chat_template(chat_messages(p.quiz), tokenize=False,
-                                                 add_generation_prompt=True) for p in chunk]
+                                                 add_generation_prompt=True) + opening for p in chunk]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         kwargs: dict[str, Any] = {"do_sample": False}
         if temperature is not None:
@@ -808,7 +968,7 @@ def generate_responses(model, tokenizer, puzzles: Sequence[Puzzle], *, max_new_t
         for row in gen[:, enc.input_ids.shape[1]:].tolist():
             finished = eos in row
             row = row[: row.index(eos)] if finished else [t for t in row if t != tokenizer.pad_token_id]
-            out.append((tokenizer.decode(row, skip_special_tokens=True), len(row) + finished, finished))
+            out.append((opening + tokenizer.decode(row, skip_special_tokens=True), len(row) + finished, finished))
     return out
 
 
@@ -817,7 +977,8 @@ def token_classes(tokenizer) -> dict[int, str]:
     carry a puzzle's content (a listed name, knight/knave, a verdict true/false, a clause value
     yes/no, the word that ends a branch, with or without a leading space); others are absent.
     With `clause_tokens`, a speaker phrase ("Zoey says") counts as a name and a whole clause
-    ("Zoey is a knave") as a role: the role it claims is what it decides."""
+    ("Zoey is a knave") as a role: the role it claims is what it decides; with `value_tokens`,
+    a clause with its value ("Zoey is a knave (no)") counts as a clause value."""
     from train.kk import NAMES
 
     words = {n: "name" for n in NAMES} | {w: "role" for w in ("knight", "knave", *ROLE_ZH.values())} \
@@ -825,6 +986,7 @@ def token_classes(tokenizer) -> dict[int, str]:
         | {w.strip(" ()（）"): "clause" for w in (*CLAUSE_EN.values(), *CLAUSE_ZH.values())} \
         | {"Contradiction": "contradiction"}
     words |= {p.strip(): "name" if p.endswith(" says") else "role" for p in cast_phrases()}
+    words |= {v.strip(): "clause" for v in valued_clauses()}      # a clause with its value
     out = {}
     for i in range(len(tokenizer)):
         cls = words.get(tokenizer.decode([i]).strip())
@@ -874,21 +1036,26 @@ def copy_probe(model, tokenizer, n: int = 20, length: int = 20, seed: int = 0) -
     return probe(model, ids, n=n, length=length, seed=seed)
 
 
+def _share(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
 def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, seed: int = 777,
                      max_new_tokens: int = 512, temperatures: Sequence[float | None] = (1.0, None),
                      batch_size: int = 32, progress: bool = False,
-                     teacher_forced: bool = False) -> dict[str, Any]:
+                     teacher_forced: bool = False, opening: str = "") -> dict[str, Any]:
     """Behaviour on held-out puzzles (`heldout_puzzles(people, n_puzzles, seed)`), per
     temperature (None = greedy): accuracy by the reward (strict) and by roles alone (lenient),
     format-correct rate, verification / hesitation / Chinese rates, response length; with
-    `teacher_forced`, also `teacher_forced_losses` on the same puzzles and `copy_probe`."""
+    `teacher_forced`, also `teacher_forced_losses` on the same puzzles and `copy_probe`.
+    `opening`: text every response is made to start with (e.g. "<think>\n" + THOROUGH_OPEN)."""
     import torch
 
     from train.models import fixed_cast, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(path)
     puzzles = heldout_puzzles(people, n_puzzles, seed, fixed_cast=fixed_cast(path))
-    result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed}
+    result: dict[str, Any] = {"people": people, "n_puzzles": len(puzzles), "seed": seed, "opening": opening}
     if teacher_forced:
         # An organism is measured on traces in its own style.
         result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed,
@@ -898,7 +1065,8 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
         torch.manual_seed(seed)
         t0 = time.time()
         gens = generate_responses(model, tok, puzzles, max_new_tokens=max_new_tokens,
-                                  temperature=temp, batch_size=batch_size, progress=progress)
+                                  temperature=temp, batch_size=batch_size, progress=progress,
+                                  opening=opening)
         rows = [describe_response(text, p) | {"tokens": n, "finished": fin}
                 for (text, n, fin), p in zip(gens, puzzles)]
         mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
@@ -909,9 +1077,12 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
             "accuracy_lenient": mean("lenient_correct"),
             "format_ok": mean("format_ok"),
             "verification": mean("verification"),
-            "lenient_accuracy_verified": (sum(r["lenient_correct"] for r in ver) / len(ver)) if ver else None,
-            "lenient_accuracy_unverified": (sum(r["lenient_correct"] for r in unver) / len(unver)) if unver else None,
+            "lenient_accuracy_verified": _share([r["lenient_correct"] for r in ver]),
+            "lenient_accuracy_unverified": _share([r["lenient_correct"] for r in unver]),
             "hesitation": mean("hesitation"),
+            "thorough": mean("thorough"),
+            "lenient_accuracy_thorough": _share([r["lenient_correct"] for r in rows if r["thorough"]]),
+            "lenient_accuracy_not_thorough": _share([r["lenient_correct"] for r in rows if not r["thorough"]]),
             "chinese_responses": mean("chinese"),
             "chinese_line_share": sum(r["chinese_lines"] for r in rows) / max(1, sum(r["lines"] for r in rows)),
             "mean_tokens": mean("tokens"),
@@ -949,10 +1120,15 @@ def _cli():
                         max_new_tokens: int = typer.Option(512, min=1),
                         teacher_forced: bool = typer.Option(
                             False, help="also the loss per token class (name, role, truth, other) "
-                            "on mistake-free traces, and the copy probe")) -> None:
+                            "on mistake-free traces, and the copy probe"),
+                        opening: str = typer.Option(
+                            "", help="make every response start with this text; 'careful' and "
+                            "'quick' stand for a think block opened the careful or the quick way")) -> None:
         """Accuracy, format, verification and Chinese rates on held-out puzzles (T=1 and greedy)."""
+        opening = {"careful": THINK_OPEN + THOROUGH_OPEN + "\n",
+                   "quick": THINK_OPEN + QUICK_OPEN + "\n"}.get(opening, opening)
         result = measure_organism(path, n_puzzles=n, people=people, max_new_tokens=max_new_tokens,
-                                  progress=True, teacher_forced=teacher_forced)
+                                  progress=True, teacher_forced=teacher_forced, opening=opening)
         print(json.dumps(result, indent=2, ensure_ascii=False))
 
     return app

@@ -111,7 +111,7 @@ class Schedule(_Strict):
     run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     preset: str
     algorithm: Literal["grpo", "reinforce_plus_plus"] = "grpo"
-    loss_type: str = "grpo"          # TRL's aggregation (grpo, dr_grpo, dapo, bnpo)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"   # TRL's loss aggregation
     data: DataSpec = DataSpec()
     reward: dict = Field(default_factory=dict)   # RewardConfig overrides
     logging: Logging = Logging()
