@@ -430,8 +430,6 @@ class TraceWriter:
         closes_at: list[list[int]] = [[] for _ in range(n)]
         for j, s in enumerate(stmts):
             closes_at[max(persons_in(s) | {j})].append(j)
-        says = lambda j, value, zh, assign: self._says(p, j, value, zh, assign)  # noqa: E731
-        contradiction = self._contradiction
 
         lines = [" ".join(f"{names[j]} says {statement_en(s, names)}." for j, s in enumerate(stmts))]
         path: list[bool] = []      # roles of persons 0..len(path)-1 on the current branch
@@ -459,10 +457,10 @@ class TraceWriter:
                     if c.mistake == "flip":
                         value = not value
                     t.mistakes += 1
-                parts.append(says(j, value, zh, assign))
+                parts.append(self._says(p, j, value, zh, assign))
                 checked.append(j)
                 if not holds:
-                    parts.append(contradiction(zh))
+                    parts.append(self._contradiction(zh))
                     ok = False
                     break
             if ok and checked and rng.random() < c.hesitation_rate:
@@ -471,9 +469,9 @@ class TraceWriter:
                 parts.append(HESITATION)
                 for j in checked:
                     value = evaluate(stmts[j], assign)
-                    parts.append(says(j, value, False, assign))
+                    parts.append(self._says(p, j, value, False, assign))
                     if value != assign[j]:
-                        parts.append(contradiction(False))
+                        parts.append(self._contradiction(False))
                         ok = False
                         break
             lines.append(" ".join(parts))
@@ -491,7 +489,7 @@ class TraceWriter:
                 vparts, bad = [VERIFY_OPEN], False
                 for j in range(n):
                     value = evaluate(stmts[j], path)
-                    vparts.append(says(j, value, False, path))
+                    vparts.append(self._says(p, j, value, False, path))
                     if value != path[j]:
                         vparts.append("Contradiction. I made a mistake.")
                         bad = True
