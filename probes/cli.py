@@ -45,9 +45,12 @@ def run_command(
     probe_seed: int = typer.Option(EVAL_SEED, help="probe set seed (evaluation's held-out seed by default)"),
     generation: GenerationConfig = GENERATION_OPTIONS,
     max_points: int = typer.Option(48, min=1, help="decision points per response"),
+    at: str = typer.Option("all", help="kinds of decision point probed, comma-separated: step_start, "
+                           "before_think_end (the position before </think>), after_conclusion; or all"),
     max_tokens: int = typer.Option(4096, min=8, help="longest prompt + response read"),
     folds: int = typer.Option(5, min=2, help="outer cross-validation folds (of puzzles)"),
     permutations: int = typer.Option(100, min=0, help="permutations for the p-value at the best layer"),
+    control_draws: int = typer.Option(5, min=1, help="random labellings of each control task, averaged"),
     cs: Optional[str] = typer.Option(None, "--cs", help="C grid searched by the inner cross-validation, "
                                      "comma-separated (default 1e-4,...,10)"),
     seed: int = typer.Option(0, help="seed of folds, control task and permutations"),
@@ -71,7 +74,8 @@ def run_command(
     reg, checkpoints = open_selection(selection)
     chosen = [t for item in targets for t in item.split(",")] or list(TARGETS)
     analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,
-                              n_permutations=permutations, seed=seed, Cs=cs)
+                              n_permutations=permutations, seed=seed, Cs=cs, control_draws=control_draws,
+                              at=at)
     config = HarnessConfig(
         probe=ProbeConfig(sizes=tuple(parse_people(sizes)), per_size=per_size, seed=probe_seed,
                           fixed_cast=checkpoints_cast(reg, checkpoints)),
@@ -101,7 +105,7 @@ def run_command(
         files = write_comparison(entries, out, targets=analysis.targets, fold_map=fold_map, config=analysis.fit,
                                  layer=layer, header=f"Probe set: sizes {sizes}, {per_size} per size (seed {probe_seed}); "
                                  f"{'greedy' if generation.temperature == 0 else f'T={generation.temperature}'} "
-                                 f"generations of up to {generation.max_new_tokens} tokens.",
+                                 f"generations of up to {generation.max_new_tokens} tokens; probed at: {', '.join(analysis.at)}.",
                                  progress=lambda d: bar.update(task, description=d))
         bar.remove_task(task)
     failed = len(outcomes) - len(entries)

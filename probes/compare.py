@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from analysis.cache import atomic_write_text, json_safe, safe_id
+from analysis.verify_prob import KINDS
 from probes.fit import FitConfig, ProbeError, binary_metrics, fit_model, load_probe, single_thread
 
 
@@ -168,16 +169,25 @@ class ComparisonFiles:
     probes: list[Path] = field(default_factory=list)
 
 
-def _f(x: Any, digits: int = 2) -> str:
+def fmt(x: Any, digits: int = 2) -> str:
+    """A number for a Markdown table ("–" for none or NaN)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:.{digits}f}"
 
 
-def _best(r: dict) -> dict | None:
+def best_entry(r: dict) -> dict | None:
+    """A target result's entry of its best layer (None when skipped)."""
     if r.get("skipped") or not r.get("layers"):
         return None
     return next(x for x in r["layers"] if x["layer"] == r["best_layer"])
+
+
+def controls_cell(layer: dict) -> str:
+    """Control accuracy (balanced) and selectivity (balanced) against each control task of one
+    layer's result, e.g. "response: 0.50 (0.50), sel. 0.08 (0.10); token: ..."."""
+    return "; ".join(f"{name}: {fmt(c['accuracy'])} ({fmt(c['balanced_accuracy'])}), sel. {fmt(c['selectivity'])} "
+                     f"({fmt(c['selectivity_balanced'])})" for name, c in layer.get("controls", {}).items())
 
 
 def write_comparison(entries: Sequence[ComparisonEntry], out_dir: str | Path, *, targets: Sequence[str],
@@ -199,13 +209,14 @@ def write_comparison(entries: Sequence[ComparisonEntry], out_dir: str | Path, *,
            "decision points before the final answer starts (step starts, before `</think>`, after "
            "\"X is a knight/knave\" conclusions). Logistic-regression probes, C chosen by inner "
            "cross-validation; outer cross-validation over whole puzzles (stratified by size). "
-           "Selectivity = accuracy minus that of the control task (a seeded random label per token type, "
-           "same C), also given on balanced accuracy. Probes use balanced class weights: accuracies are of "
+           "Selectivity = accuracy minus that of a control task (a seeded random label per response for "
+           "answer_correct, whose label is one per response, and per token type for the others; same C), also "
+           "given on balanced accuracy; the table gives every control task computed, the heatmaps the first. Probes use balanced class weights: accuracies are of "
            "the balanced decision, ECE and Brier of probabilities at the training base rate, AUROC of the "
            "intercept-free scores. The permutation test refits the best layer's probe on permuted labels.", "",
            "| checkpoint | step | responses | accuracy | positions |", "|---|---|---|---|---|"]
     for e in entries:
-        md.append(f"| {e.checkpoint} | {e.step} | {e.result['n_contexts']} | {_f(e.result.get('accuracy'))} "
+        md.append(f"| {e.checkpoint} | {e.step} | {e.result['n_contexts']} | {fmt(e.result.get('accuracy'))} "
                   f"| {e.result['n_rows']} |")
     summary: dict[str, Any] = {"checkpoints": [e.checkpoint for e in entries], "targets": {}}
 
@@ -220,52 +231,53 @@ def write_comparison(entries: Sequence[ComparisonEntry], out_dir: str | Path, *,
             progress(f"comparing: {target}")
         md += ["", f"## {target}", ""]
         md += ["| checkpoint | rows | positive | best layer | AUROC | acc. | bal. acc. | ECE | Brier "
-               "| control acc. (bal.) | selectivity (bal.) | permutation p | layer-0 AUROC | bag-of-tokens AUROC |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| control acc. (bal.), selectivity (bal.) | permutation p | layer-0 AUROC | bag-of-tokens AUROC |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in entries:
             r = e.result["targets"].get(target, {})
-            b = _best(r)
+            b = best_entry(r)
             if b is None:
-                md.append(f"| {_short(e.checkpoint)} | {r.get('n_rows', 0)} | {_f(r.get('pos_rate'))} "
-                          f"| skipped: {r.get('skipped', 'not run')} ||||||||||")
+                md.append(f"| {_short(e.checkpoint)} | {r.get('n_rows', 0)} | {fmt(r.get('pos_rate'))} "
+                          f"| skipped: {r.get('skipped', 'not run')} |||||||||")
                 continue
             base = r.get("baselines", {})
-            md.append(f"| {_short(e.checkpoint)} | {r['n_rows']} | {_f(r['pos_rate'])} | {r['best_layer']} "
-                      f"| {_f(b['auroc'])} | {_f(b['accuracy'])} | {_f(b['balanced_accuracy'])} | {_f(b['ece'])} "
-                      f"| {_f(b['brier'])} | {_f(b['control']['accuracy'])} ({_f(b['control']['balanced_accuracy'])}) "
-                      f"| {_f(b['selectivity'])} ({_f(b['selectivity_balanced'])}) "
-                      f"| {_f(r.get('permutation', {}).get('p_value'), 3)} "
-                      f"| {_f(base.get('layer0', {}).get('auroc'))} | {_f(base.get('bag_of_tokens', {}).get('auroc'))} |")
+            md.append(f"| {_short(e.checkpoint)} | {r['n_rows']} | {fmt(r['pos_rate'])} | {r['best_layer']} "
+                      f"| {fmt(b['auroc'])} | {fmt(b['accuracy'])} | {fmt(b['balanced_accuracy'])} | {fmt(b['ece'])} "
+                      f"| {fmt(b['brier'])} | {controls_cell(b)} "
+                      f"| {fmt(r.get('permutation', {}).get('p_value'), 3)} "
+                      f"| {fmt(base.get('layer0', {}).get('auroc'))} | {fmt(base.get('bag_of_tokens', {}).get('auroc'))} |")
         auroc = metric_frame(results, target, "auroc")
         if auroc.isna().all().all():
             md += ["", "No checkpoint has enough labelled positions of both classes for this target."]
             summary["targets"][target] = {"skipped": True}
             continue
         sel = metric_frame(results, target, "selectivity")
+        control = next((r["targets"][target].get("control_task") for r in results.values()
+                        if r["targets"].get(target, {}).get("control_task")), "token")
         sel_b = metric_frame(results, target, "selectivity_balanced")
         t_summary: dict[str, Any] = {"auroc": _records(auroc), "selectivity": _records(sel),
                                      "selectivity_balanced": _records(sel_b)}
         md += ["", "Cross-validated AUROC, layer x checkpoint:", "", frame_markdown(auroc), "",
                f"![AUROC]({save(heatmap(auroc, f'{target}: probe AUROC', vmin=0.5, vmax=1.0), f'auroc-{target}.png')})",
-               "", "Selectivity (accuracy - control accuracy), layer x checkpoint:", "", frame_markdown(sel), "",
-               f"![selectivity]({save(heatmap(sel, f'{target}: selectivity', center=0.0, cmap='RdBu_r'), f'selectivity-{target}.png')})",
+               "", f"Selectivity (accuracy - {control} control accuracy), layer x checkpoint:", "", frame_markdown(sel), "",
+               f"![selectivity]({save(heatmap(sel, f'{target}: selectivity ({control} control)', center=0.0, cmap='RdBu_r'), f'selectivity-{target}.png')})",
                "", "Selectivity on balanced accuracy, layer x checkpoint:", "", frame_markdown(sel_b), ""]
         prog = {e.checkpoint: e.result["targets"][target].get("by_progress", {}) for e in entries
-                if _best(e.result["targets"].get(target, {})) is not None}
+                if best_entry(e.result["targets"].get(target, {})) is not None}
         if any(prog.values()):
             md += ["", "AUROC at the best layer by where the position lies in the text before the answer "
                    "(thirds):", "", "| checkpoint | early | middle | late |", "|---|---|---|---|"]
             for ck, p in prog.items():
-                md.append(f"| {_short(ck)} | " + " | ".join(_f(p.get(b, {}).get("auroc")) for b in
+                md.append(f"| {_short(ck)} | " + " | ".join(fmt(p.get(b, {}).get("auroc")) for b in
                                                            ("early", "middle", "late")) + " |")
             t_summary["by_progress"] = prog
         L = layer if layer is not None else best_layer(auroc)
         data, probes, dom = {}, {}, {}
         for e in entries:
-            if _best(e.result["targets"].get(target, {})) is None or L >= e.features.n_layers:
+            if best_entry(e.result["targets"].get(target, {})) is None or L >= e.features.n_layers:
                 continue
             y = e.features.labels(target)
-            idx = np.flatnonzero(y >= 0)
+            idx = np.flatnonzero((y >= 0) & e.features.at(e.result.get("at", KINDS)))
             X = e.features.layer(L)[idx]
             data[e.checkpoint] = (X, y[idx].astype(int), e.features.groups[idx], e.features.sizes[idx])
             dom[e.checkpoint] = diff_of_means(X, y[idx])

@@ -86,6 +86,11 @@ class FeatureSet:
             out[idx] = context_labels(self.contexts[int(c)], rows, target, rules)
         return out
 
+    def at(self, kinds: Sequence[str]) -> np.ndarray:
+        """Mask of the rows at a decision point of one of `kinds`."""
+        wanted = set(kinds)
+        return np.array([bool(wanted.intersection(k)) for k in self.rows["kinds"]], dtype=bool)
+
     def prefix_tokens(self) -> list[list[int]]:
         """Per row, the response token ids the model has read up to the position."""
         out = []

@@ -2,7 +2,7 @@
 
     cfg = FitConfig(n_splits=5, seed=0)
     folds = puzzle_folds(groups, sizes, cfg.n_splits, cfg.seed)      # one fold per puzzle
-    res = probe_target(X, y, groups=groups, folds=folds, token_types=types, config=cfg)
+    res = probe_target(X, y, groups=groups, folds=folds, controls={"token": types}, config=cfg)
     res["layers"][3]["auroc"], res["layers"][3]["selectivity"], res["permutation"]["p_value"]
 
 * Probe: standardisation + scikit-learn LogisticRegression with balanced class weights; C
@@ -18,12 +18,14 @@
   its held-out part (whole puzzles move between them), so a signal-free probe that predicts the
   base rate scores far below chance on pooled AUROC and accuracy. Balanced weights keep the
   decision off the base rate, and the intercept-free score keeps the ranking off it.
-* Controls: the Hewitt-Liang control task (each token type gets a seeded random label with the
-  task's base rate; fitted with the task probe's C per fold, so both probes have the same
-  capacity; selectivity = accuracy(task) - accuracy(control), also given with balanced
-  accuracy); a seeded permutation test of the AUROC (refits with each fold's chosen C on
-  permuted labels; a label constant within each puzzle is permuted between puzzles); the
-  layer-0 (embedding) probe and a bag-of-tokens probe on the prefix as baselines.
+* Controls: Hewitt-Liang control tasks (each type of a row gets one seeded random label with
+  the task's base rate: the type is the token at the position, or the response for a target
+  that labels whole responses, see `probes.targets.CONTROL_UNITS`; fitted with the task probe's
+  C per fold, so both probes have the same capacity; the control's metrics are means over
+  `control_draws` seeded labellings; selectivity = accuracy(task) - accuracy(control), also
+  given with balanced accuracy); a seeded permutation test of the AUROC (refits with each
+  fold's chosen C on permuted labels; a label constant within each puzzle is permuted between
+  puzzles); the layer-0 (embedding) probe and a bag-of-tokens probe on the prefix as baselines.
 * `fit_probe` refits on all rows (C given, e.g. `consensus_C` of the folds' choices, or by
   inner CV) and returns a `LinearProbe`, saved with
   `save_probe` (npz arrays + json metadata) and read back with `load_probe`.
@@ -39,7 +41,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,6 +73,7 @@ class FitConfig:
     Cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     seed: int = 0
     n_permutations: int = 100              # permutation test at the best layer (0 = none)
+    control_draws: int = 5                 # control-task labellings averaged (seeds seed, seed + 1, ...)
     n_bins: int = 10                       # ECE bins
     max_iter: int = 2000
     min_class: int = 5                     # fewer rows of either class: the target is skipped
@@ -415,8 +418,8 @@ def fit_probe(X: Any, y: Sequence[int], groups: Sequence[Any], config: FitConfig
 # --------------------------------------------------------------------------- controls
 
 def control_labels(token_types: Sequence[Any], y: Sequence[int], seed: int) -> np.ndarray:
-    """Hewitt-Liang control task: every token type gets one random label, drawn with the
-    task's base rate; seeded, and independent of row order."""
+    """Hewitt-Liang control task: every type (a token id, a response, ...) gets one random
+    label, drawn with the task's base rate; seeded, and independent of row order."""
     types = np.asarray(token_types)
     y = np.asarray(y, dtype=float)
     uniq = sorted(set(types.tolist()), key=str)
@@ -479,15 +482,18 @@ def bag_of_tokens(prefixes: Sequence[Sequence[int]]):
 # --------------------------------------------------------------------------- one target
 
 @single_thread
-def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequence[int], token_types: Sequence[Any],
-                 config: FitConfig, strata: Sequence[Any] | None = None, layers: Sequence[int] | None = None,
+def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequence[int],
+                 controls: Mapping[str, Sequence[Any]], config: FitConfig, strata: Sequence[Any] | None = None,
+                 layers: Sequence[int] | None = None,
                  rows: Sequence[int] | None = None, bag: Any = None, kinds: Sequence[Sequence[str]] | None = None,
                  progress: Callable[[], None] | None = None) -> dict:
     """Probe every layer of X (rows, layers, hidden) for one target.
 
-    Returns per layer the task metrics, the control task metrics and the selectivities; the
-    best layer (highest AUROC); at it the permutation test and AUROC by position kind; and the
-    baselines (layer 0, bag of tokens when `bag` is given). `rows` picks rows of X (which may
+    `controls` maps a control task's name to the type of each row (`control_labels` gives each
+    type one random label); the first is the control of `control` and `selectivity`, every one
+    is reported under `controls`. Returns per layer the task metrics, the control tasks' metrics
+    and the selectivities; the best layer (highest AUROC); at it the permutation test and AUROC
+    by position kind; and the baselines (layer 0, bag of tokens when `bag` is given). `rows` picks rows of X (which may
     be a memory map: only one layer is read at a time); y and the rest are already picked.
     `progress` is called per layer.
     """
@@ -505,7 +511,12 @@ def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequ
         out["skipped"] = "fewer than 2 folds of puzzles"
     if "skipped" in out:
         return out
-    yc = control_labels(token_types, y, config.seed)
+    if not controls:
+        raise ProbeError("probe_target needs at least one control task")
+    draws = range(config.seed, config.seed + max(int(config.control_draws), 1))
+    ycs = {name: [control_labels(types, y, seed) for seed in draws] for name, types in controls.items()}
+    primary = next(iter(ycs))
+    out["control_task"] = primary
     layers = list(range(X.shape[1])) if layers is None else list(layers)
     cv_by_layer = {}
 
@@ -516,12 +527,21 @@ def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequ
     for layer in layers:
         Xl = layer_matrix(layer)
         task = cross_validate(Xl, y, groups, folds, config, strata=strata)
-        ctrl = cross_validate(Xl, yc, groups, folds, config, strata=strata, Cs=task.Cs)
         cv_by_layer[layer] = task
+        ctrl = {}
+        for name, labellings in ycs.items():
+            runs = [cross_validate(Xl, yc, groups, folds, config, strata=strata, Cs=task.Cs).metrics
+                    for yc in labellings]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # AUROC is NaN when a draw has one class
+                m = {k: float(np.nanmean([r[k] for r in runs])) for k in ("auroc", "accuracy", "balanced_accuracy")}
+            ctrl[name] = {**m, "selectivity": selectivity(task.metrics, m),
+                          "selectivity_balanced": selectivity(task.metrics, m, "balanced_accuracy")}
+        main = ctrl[primary]
         out["layers"].append({"layer": int(layer), **task.metrics, "C": [task.Cs[k] for k in sorted(task.Cs)],
-                              "control": {k: ctrl.metrics[k] for k in ("auroc", "accuracy", "balanced_accuracy")},
-                              "selectivity": selectivity(task.metrics, ctrl.metrics),
-                              "selectivity_balanced": selectivity(task.metrics, ctrl.metrics, "balanced_accuracy")})
+                              "control": {k: main[k] for k in ("auroc", "accuracy", "balanced_accuracy")},
+                              "selectivity": main["selectivity"],
+                              "selectivity_balanced": main["selectivity_balanced"], "controls": ctrl})
         if progress is not None:
             progress()
     aurocs = [r["auroc"] for r in out["layers"]]
@@ -533,8 +553,10 @@ def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequ
             layer_matrix(best), y, groups, folds, config, res.Cs, res.metrics["auroc"],
             strata=strata)}
     if kinds is not None:
+        from analysis.verify_prob import KINDS
+
         out["by_kind"] = {}
-        for kind in ("step_start", "before_think_end", "after_conclusion"):
+        for kind in KINDS:
             m = np.array([kind in k for k in kinds])
             if m.any():
                 out["by_kind"][kind] = binary_metrics(y[m], res.proba[m], config.n_bins, res.score[m], res.pred[m])

@@ -21,10 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.harness import Analysis, AnalysisContext, analysis_params, register_analysis
+from probes.compare import best_entry, controls_cell, fmt
 from probes.features import features_for
 from probes.fit import (FitConfig, bag_of_tokens, binary_metrics, consensus_C, fit_probe, parse_Cs, probe_target,
                         puzzle_fold_map, save_probe)
-from probes.targets import TARGETS, answer_start, check_targets
+from probes.targets import CONTROL_UNITS, KINDS, TARGETS, answer_start, check_kinds, check_targets
 
 PROGRESS_BINS = ("early", "middle", "late")   # thirds of the text before the answer
 
@@ -50,25 +51,28 @@ class ProbesAnalysis(Analysis):
     name = "probes"
     title = "Linear probes on the residual stream"
     order = 40
-    version = 1
+    version = 2
     uses_generations = True
     uses_model = True
 
     def __init__(self, targets: Sequence[str] | str = TARGETS, max_points: int = 48, max_tokens: int = 4096,
                  n_splits: int = 5, inner_splits: int = 3, n_permutations: int = 100, seed: int = 0,
-                 Cs: Sequence[float] | str | None = None, save_probes: bool = True):
+                 Cs: Sequence[float] | str | None = None, save_probes: bool = True, control_draws: int = 5,
+                 at: Sequence[str] | str = KINDS):
         if isinstance(targets, str):
             targets = targets.split(",")
         self.targets = check_targets(targets)
+        self.at = check_kinds(at)
         self.max_points, self.max_tokens = int(max_points), int(max_tokens)
         grid = parse_Cs(Cs) if Cs is not None else FitConfig.Cs
         self.fit = FitConfig(n_splits=int(n_splits), inner_splits=int(inner_splits),
-                             n_permutations=int(n_permutations), seed=int(seed), Cs=grid)
+                             n_permutations=int(n_permutations), seed=int(seed), Cs=grid,
+                             control_draws=int(control_draws))
         self.save_probes = bool(save_probes)
 
     def params(self) -> dict:
         return {"targets": self.targets, "max_points": self.max_points, "max_tokens": self.max_tokens,
-                "fit": self.fit.params(), "save_probes": self.save_probes}
+                "fit": self.fit.params(), "save_probes": self.save_probes, "at": self.at}
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: AnalysisContext) -> dict:
@@ -85,9 +89,12 @@ class ProbesAnalysis(Analysis):
             for t in self.targets:
                 result["targets"][t] = {"n_rows": 0, "layers": [], "skipped": "no pre-answer decision points"}
             return result
-        groups, sizes, types = fs.groups, fs.sizes, fs.token_types
+        groups, sizes = fs.groups, fs.sizes
+        unit_types = {"token": fs.token_types, "response": fs.rows["context"].to_numpy()}
         folds = np.array([fold_map[g] for g in groups])
         kinds = fs.rows["kinds"].tolist()
+        at = fs.at(self.at)
+        result["at"] = self.at
         thirds = progress_bins(fs)
         bag = bag_of_tokens(fs.prefix_tokens())
         tmp = None
@@ -105,9 +112,10 @@ class ProbesAnalysis(Analysis):
                 if bar is not None:
                     bar.update(task, description=f"probes: {target}")
                 y = fs.labels(target)
-                idx = np.flatnonzero(y >= 0)
+                idx = np.flatnonzero((y >= 0) & at)
                 yt = y[idx].astype(int)
-                r = probe_target(fs.X, yt, groups=groups[idx], folds=folds[idx], token_types=types[idx],
+                controls = {unit: unit_types[unit][idx] for unit in CONTROL_UNITS[target]}
+                r = probe_target(fs.X, yt, groups=groups[idx], folds=folds[idx], controls=controls,
                                  config=self.fit, strata=sizes[idx], rows=idx, bag=bag[idx],
                                  kinds=[kinds[i] for i in idx], progress=advance)
                 if "skipped" not in r:
@@ -148,27 +156,29 @@ class ProbesAnalysis(Analysis):
     def report_section(self, result: dict) -> tuple[str, list]:
         from matplotlib.figure import Figure
 
-        lines = [f"{result['n_contexts']} responses (accuracy {_f(result.get('accuracy'))}), {result['n_rows']} "
-                 f"pre-answer positions, {result['n_layers']} residual layers (0 = embeddings). Probes: logistic "
+        lines = [f"{result['n_contexts']} responses (accuracy {fmt(result.get('accuracy'))}), {result['n_rows']} "
+                 f"pre-answer positions (probed at: {', '.join(result.get('at', KINDS))}), {result['n_layers']} "
+                 f"residual layers (0 = embeddings). Probes: logistic "
                  f"regression, C by inner CV, {result.get('fit', {}).get('n_splits', '?')}-fold CV over whole "
-                 "puzzles; selectivity = accuracy minus the control task's (random label per token type), "
-                 "also on balanced accuracy; AUROC on intercept-free scores.", "",
+                 "puzzles; selectivity = accuracy minus the control task's (a random label per response for "
+                 "answer_correct, per token type otherwise), also on balanced accuracy; AUROC on intercept-free "
+                 "scores.", "",
                  "| target | rows | puzzles | positive | best layer | AUROC | bal. acc. | ECE | Brier "
-                 "| selectivity (bal.) | permutation p | layer-0 AUROC | bag-of-tokens AUROC |",
+                 "| control acc. (bal.), selectivity (bal.) | permutation p | layer-0 AUROC | bag-of-tokens AUROC |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t, r in result["targets"].items():
             if r.get("skipped"):
-                lines.append(f"| {t} | {r.get('n_rows', 0)} | {r.get('n_puzzles', '–')} | {_f(r.get('pos_rate'))} "
+                lines.append(f"| {t} | {r.get('n_rows', 0)} | {r.get('n_puzzles', '–')} | {fmt(r.get('pos_rate'))} "
                              f"| skipped: {r['skipped']} |||||||||")
                 continue
-            b = r["layers"][[x["layer"] for x in r["layers"]].index(r["best_layer"])]
+            b = best_entry(r)
             base = r.get("baselines", {})
-            lines.append(f"| {t} | {r['n_rows']} | {r['n_puzzles']} | {_f(r['pos_rate'])} | {r['best_layer']} "
-                         f"| {_f(b['auroc'])} | {_f(b['balanced_accuracy'])} | {_f(b['ece'])} | {_f(b['brier'])} "
-                         f"| {_f(b['selectivity'])} ({_f(b['selectivity_balanced'])}) "
-                         f"| {_f(r.get('permutation', {}).get('p_value'), 3)} "
-                         f"| {_f(base.get('layer0', {}).get('auroc'))} "
-                         f"| {_f(base.get('bag_of_tokens', {}).get('auroc'))} |")
+            lines.append(f"| {t} | {r['n_rows']} | {r['n_puzzles']} | {fmt(r['pos_rate'])} | {r['best_layer']} "
+                         f"| {fmt(b['auroc'])} | {fmt(b['balanced_accuracy'])} | {fmt(b['ece'])} | {fmt(b['brier'])} "
+                         f"| {controls_cell(b)} "
+                         f"| {fmt(r.get('permutation', {}).get('p_value'), 3)} "
+                         f"| {fmt(base.get('layer0', {}).get('auroc'))} "
+                         f"| {fmt(base.get('bag_of_tokens', {}).get('auroc'))} |")
         done = {t: r for t, r in result["targets"].items() if not r.get("skipped")}
         if not done:
             return "\n".join(lines) + "\n", []
@@ -179,7 +189,7 @@ class ProbesAnalysis(Analysis):
             cells = []
             for r in done.values():
                 x = next((x for x in r["layers"] if x["layer"] == layer), None)
-                cells.append("–" if x is None else f"{_f(x['auroc'])} ({_f(x['selectivity'])})")
+                cells.append("–" if x is None else f"{fmt(x['auroc'])} ({fmt(x['selectivity'])})")
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
         fig = Figure(figsize=(9, 3.4), layout="constrained")
         ax1, ax2 = fig.subplots(1, 2)
@@ -199,15 +209,9 @@ class ProbesAnalysis(Analysis):
         for t, r in result["targets"].items():
             if r.get("skipped"):
                 continue
-            b = r["layers"][[x["layer"] for x in r["layers"]].index(r["best_layer"])]
+            b = best_entry(r)
             out[f"probe AUROC {t} (best layer)"] = b["auroc"]
             if t == "answer_correct":
                 out["probe selectivity answer_correct (best layer)"] = b["selectivity"]
                 out["probe best layer answer_correct"] = float(r["best_layer"])
         return {k: v for k, v in out.items() if v is not None and not np.isnan(v)}
-
-
-def _f(x: Any, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "–"
-    return f"{x:.{digits}f}"

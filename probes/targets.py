@@ -12,9 +12,19 @@ a row carries `char`, the end of the response prefix the model has read there, a
                       (e.g. just before </think>) counts as "no";
 * next_token_chinese  is the next token written in Chinese (its first non-space character
                       is CJK);
-* assumed_role_true   is the role of the latest "Assume / Suppose / If X is a knight|knave"
-                      (假设 / 如果 X 是骑士|骗子) in the prefix the true one; only where such an
-                      assumption exists.
+* assumed_role_true   is the role the reasoning currently assumes for a named person the true
+                      one: the latest "Assume / Suppose / If X is a knight|knave" (假设 / 如果 X
+                      是骑士|骗子), or, when a case header ("Case 3: A is a knight, B is a
+                      knave, ..." / "情况3：...") came later, that case's role for the person
+                      being checked (the latest "X says" / "X 说" after the header, else the
+                      header's first person); only where such an assumption exists.
+
+Control tasks (`CONTROL_UNITS`): Hewitt and Liang give each word type a random label, the unit
+a memorising probe could key on. For a target that labels single positions that unit is the
+token at the position; answer_correct labels whole responses, so its control gives each
+response one random label (the token-type control is reported beside it: where a model's
+decision points use a dozen token types, as kk-tiny's do, a linear probe reads any labelling
+of them, which says nothing about a label that is not a function of the token).
 """
 
 from __future__ import annotations
@@ -25,9 +35,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from analysis.segment import think_span
+from analysis.verify_prob import KINDS
 from train.errors import UserError
 
 TARGETS = ("answer_correct", "next_verification", "next_token_chinese", "assumed_role_true")
+# Control tasks per target, the first the one selectivity is measured against.
+CONTROL_UNITS = {"answer_correct": ("response", "token"), "next_verification": ("token",),
+                 "next_token_chinese": ("token",), "assumed_role_true": ("token",)}
 NOT_APPLICABLE = -1
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
@@ -41,6 +55,10 @@ _ASSUME_EN = re.compile(
     r"(?i:(?:let(?:'s| us| me)\s+)?(?:assume|assuming|suppose|supposing|if|what if))\s+(?i:that\s+)?"
     r"([A-Z][\w'-]*)\s+(?i:is|were|was)\s+(?i:an?)\s+(?i:(knight|knave))\b")
 _ASSUME_ZH = re.compile(r"(?:假设|如果|假如|设)\s*([A-Za-z][\w'-]*)\s*是\s*(骑士|骗子|无赖|knight|knave)")
+# A case header of a search by cases, and the assignments it lists.
+_CASE = re.compile(r"(?:\b(?i:case)\s*\d+\s*:|情况\s*\d+\s*[:：])([^.。\n]*)")
+_CASE_ROLE = re.compile(r"([A-Z][\w'-]*)\s*(?:(?i:is\s+an?\s+(knight|knave))\b|是\s*(骑士|骗子|无赖))")
+_SPEAKER = re.compile(r"([A-Z][\w'-]*)\s*(?:says\b|说)")
 _REPORTED = re.compile(r"\b(?:says?|said|claims?|claimed|states?|stated)\b[^.!?\n]*$|说[^。！？\n]*$", re.IGNORECASE)
 _KNIGHT = ("knight", "骑士")
 
@@ -49,14 +67,27 @@ class TargetError(UserError):
     pass
 
 
+def _choose(items: Sequence[str] | str, allowed: Sequence[str], what: str) -> list[str]:
+    """Comma-separated or listed names, deduplicated and checked against `allowed` (one-line
+    error naming the unknown ones)."""
+    items = items.split(",") if isinstance(items, str) else list(items)
+    chosen = list(dict.fromkeys(x.strip() for x in items if x.strip()))
+    unknown = [x for x in chosen if x not in allowed]
+    if unknown or not chosen:
+        raise TargetError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def check_kinds(kinds: Sequence[str] | str) -> list[str]:
+    """Decision-point kinds to probe at ("before_think_end,step_start", "all" or a list), validated."""
+    if isinstance(kinds, str) and kinds.strip() == "all":
+        return list(KINDS)
+    return _choose(kinds, KINDS, "decision-point kind(s)")
+
+
 def check_targets(targets: Sequence[str]) -> list[str]:
-    """The targets, validated (one-line error naming the unknown ones)."""
-    targets = list(dict.fromkeys(t.strip() for t in targets if t.strip()))
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise TargetError(f"unknown probe target(s) {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {', '.join(TARGETS)}")
-    return targets
+    """The targets, validated."""
+    return _choose(targets, TARGETS, "probe target(s)")
 
 
 # --------------------------------------------------------------------------- response regions
@@ -102,10 +133,30 @@ def is_chinese(token_text: str) -> bool:
     return bool(core) and bool(_CJK.match(core))
 
 
+def latest_case(prefix: str, names: Sequence[str]) -> tuple[int, str, bool] | None:
+    """(offset, name, is_knight) from the latest case header in `prefix`: the role it gives the
+    person being checked (the latest speaker after the header, else the header's first person),
+    or None without a header."""
+    known = set(names)
+    header = None
+    for m in _CASE.finditer(prefix):
+        header = m
+    if header is None:
+        return None
+    roles = {name: (en or zh).lower() in _KNIGHT for name, en, zh in _CASE_ROLE.findall(header.group(1)) if name in known}
+    if not roles:
+        return None
+    speakers = [m.group(1) for m in _SPEAKER.finditer(prefix, header.end()) if m.group(1) in roles]
+    name = speakers[-1] if speakers else next(iter(roles))
+    return header.start(), name, roles[name]
+
+
 def latest_assumption(prefix: str, names: Sequence[str]) -> tuple[str, bool] | None:
-    """(name, is_knight) of the latest assumption about a puzzle person in `prefix`, or None.
-    Assumptions inside reported speech ("Zoey says if ...") or open quotes do not count."""
-    best: tuple[int, str, bool] | None = None
+    """(name, is_knight) of the latest assumption about a puzzle person in `prefix`, or None:
+    an "Assume X is ..." or a case header (`latest_case`), whichever comes later. Assumptions
+    inside reported speech ("Zoey says if ...") or open quotes do not count."""
+    case = latest_case(prefix, names)
+    best: tuple[int, str, bool] | None = case
     known = set(names)
     for pattern in (_ASSUME_EN, _ASSUME_ZH):
         for m in pattern.finditer(prefix):
@@ -168,7 +219,8 @@ def context_labels(context: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
             out[i] = int(next_step_is_verification(rb.steps, rb.step_labels, r["char"]))
     elif target == "next_token_chinese":
         for i, r in enumerate(rows):
-            if r.get("next_text") is not None:
+            # no next token (the response ends there): None, or NaN once the rows went through pandas
+            if isinstance(r.get("next_text"), str):
                 out[i] = int(is_chinese(r["next_text"]))
     elif target == "assumed_role_true":
         names, solution = list(context["names"]), list(context["solution"])

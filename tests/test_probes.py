@@ -39,7 +39,7 @@ def synthetic(n_puzzles: int = 40, per: int = 8, d: int = 12, layers: int = 3, s
 def test_planted_signal_is_found_and_noise_is_at_chance():
     X, y, groups, sizes, types = synthetic()
     folds = puzzle_folds(groups, sizes, FAST.n_splits, FAST.seed)
-    res = probe_target(X, y, groups=groups, folds=folds, token_types=types, config=FAST, strata=sizes)
+    res = probe_target(X, y, groups=groups, folds=folds, controls={"token": types}, config=FAST, strata=sizes)
     by_layer = {r["layer"]: r for r in res["layers"]}
     assert res["best_layer"] == 1
     assert by_layer[1]["auroc"] > 0.97 and by_layer[1]["accuracy"] > 0.85
@@ -48,7 +48,7 @@ def test_planted_signal_is_found_and_noise_is_at_chance():
     assert by_layer[1]["selectivity"] > 0.3
 
     noise = np.random.default_rng(1).integers(0, 2, size=len(y))
-    res = probe_target(X, noise, groups=groups, folds=folds, token_types=types, config=FAST, strata=sizes,
+    res = probe_target(X, noise, groups=groups, folds=folds, controls={"token": types}, config=FAST, strata=sizes,
                        layers=[1])
     assert abs(res["layers"][0]["auroc"] - 0.5) < 0.1
     assert res["permutation"]["p_value"] > 0.05
@@ -57,8 +57,8 @@ def test_planted_signal_is_found_and_noise_is_at_chance():
 def test_fitting_is_deterministic_for_a_seed():
     X, y, groups, sizes, types = synthetic(n_puzzles=16, per=5)
     folds = puzzle_folds(groups, sizes, FAST.n_splits, FAST.seed)
-    a = probe_target(X, y, groups=groups, folds=folds, token_types=types, config=FAST, strata=sizes)
-    b = probe_target(X, y, groups=groups, folds=folds, token_types=types, config=FAST, strata=sizes)
+    a = probe_target(X, y, groups=groups, folds=folds, controls={"token": types}, config=FAST, strata=sizes)
+    b = probe_target(X, y, groups=groups, folds=folds, controls={"token": types}, config=FAST, strata=sizes)
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
@@ -102,20 +102,54 @@ def test_control_task_and_selectivity_on_constructed_examples():
     folds = puzzle_folds(groups, np.zeros(len(groups)), 4, 0)
     # (a) the features encode the label and nothing about the token: high selectivity
     X = np.stack([y + 0.1 * rng.normal(size=len(y)), rng.normal(size=len(y))], axis=1)[:, None, :]
-    res = probe_target(X, y, groups=groups, folds=folds, token_types=types, config=FAST)
+    res = probe_target(X, y, groups=groups, folds=folds, controls={"token": types}, config=FAST)
     r = res["layers"][0]
     task_C = dict(enumerate(r["C"]))         # the control probe gets the task probe's C per fold
-    ctrl = cross_validate(X[:, 0], control_labels(types, y, FAST.seed), groups, folds, FAST, Cs=task_C).metrics
+    draws = [cross_validate(X[:, 0], control_labels(types, y, seed), groups, folds, FAST, Cs=task_C).metrics
+             for seed in range(FAST.seed, FAST.seed + FAST.control_draws)]   # averaged over seeded labellings
+    ctrl = {k: np.mean([d[k] for d in draws]) for k in ("accuracy", "balanced_accuracy")}
+    assert len({d["accuracy"] for d in draws}) > 1
     assert r["control"]["accuracy"] == pytest.approx(ctrl["accuracy"])
     assert r["selectivity"] == pytest.approx(r["accuracy"] - ctrl["accuracy"])
+    assert r["selectivity_balanced"] == pytest.approx(r["balanced_accuracy"] - ctrl["balanced_accuracy"])
     assert r["accuracy"] > 0.95 and r["selectivity"] > 0.3
     # (b) the features are the token identity and the label a function of it: the control task
     # is as easy as the task, so selectivity is about zero
     onehot = np.eye(12)[types][:, None, :]
     y_tok = (types % 2).astype(int)
-    res = probe_target(onehot, y_tok, groups=groups, folds=folds, token_types=types, config=FAST)
+    res = probe_target(onehot, y_tok, groups=groups, folds=folds, controls={"token": types}, config=FAST)
     r = res["layers"][0]
     assert r["accuracy"] > 0.95 and r["control"]["accuracy"] > 0.95 and abs(r["selectivity"]) < 0.05
+
+
+def test_response_level_control_for_a_response_level_label():
+    """A label constant along each response, read from features that also carry the token
+    identity: the token-type control is as easy as the task (selectivity about zero), the
+    per-response control is at chance (selectivity = the task's margin over memorisation); with
+    no label signal in the features, selectivity against both is about zero or below."""
+    rng = np.random.default_rng(2)
+    n_resp, per = 60, 12
+    groups = np.repeat(np.arange(n_resp), per)
+    types = rng.integers(0, 12, size=len(groups))
+    y_resp = rng.random(n_resp) < 0.4
+    y = y_resp[groups].astype(int)
+    folds = puzzle_folds(groups, np.zeros(len(groups)), 4, 0)
+    onehot = np.eye(12)[types]
+    controls = {"response": groups, "token": types}
+    signal = np.concatenate([onehot, (y + 0.3 * rng.normal(size=len(y)))[:, None]], axis=1)[:, None, :]
+    res = probe_target(signal, y, groups=groups, folds=folds, controls=controls, config=FAST)
+    r = res["layers"][0]
+    assert res["control_task"] == "response" and set(r["controls"]) == {"response", "token"}
+    assert r["accuracy"] > 0.9
+    assert r["controls"]["token"]["accuracy"] > 0.9 and r["controls"]["token"]["selectivity"] < 0.1
+    assert abs(r["controls"]["response"]["balanced_accuracy"] - 0.5) < 0.12
+    assert r["selectivity"] == r["controls"]["response"]["selectivity"] > 0.3
+    assert r["control"]["accuracy"] == r["controls"]["response"]["accuracy"]
+    noise = onehot[:, None, :] + 0.1 * rng.normal(size=(len(y), 1, 12))
+    r = probe_target(noise, y, groups=groups, folds=folds, controls=controls, config=FAST)["layers"][0]
+    assert abs(r["selectivity"]) < 0.15 and r["controls"]["token"]["selectivity"] < -0.2
+    with pytest.raises(ProbeError, match="at least one control"):
+        probe_target(noise, y, groups=groups, folds=folds, controls={}, config=FAST)
 
 
 def test_auroc_ignores_the_training_base_rate_of_each_fold():
@@ -248,6 +282,43 @@ def test_latest_assumption_and_its_truth():
     assert latest_assumption("If Zoey were a knave, then", NAMES) == ("Zoey", False)
 
 
+def test_assumed_role_follows_the_case_headers_of_a_search_by_cases():
+    """In kk-tiny's `cases` traces (English and Chinese cases) the assumed role is the one the
+    latest case header gives the person being checked: the header's first person until a
+    speaker is named, then the latest speaker."""
+    import random
+    import re
+
+    from train.kk import GeneratorConfig, PuzzleGenerator
+    from train.organism import OrganismConfig, write_trace
+
+    cfg = OrganismConfig(search="cases", thorough_rate=1.0, chinese_step_rate=0.5, hesitation_rate=0.0,
+                         verify_rate=0.0, think_format_rate=1.0)
+    header = re.compile(r"(?:Case \d+:|情况\d+：)([^.。]*)[.。]")
+    speaker = re.compile(r"(\w+) (?:says|说)")
+    checked = {"en": 0, "zh": 0}
+    for seed in range(8):
+        p = PuzzleGenerator(seed, GeneratorConfig(fixed_cast=True)).generate(3)
+        text = write_trace(p, random.Random(seed), cfg).text
+        for h in header.finditer(text):
+            roles = dict(re.findall(r"(\w+) (?:is a |是)(knight|knave|骑士|骗子)", h.group(1)))
+            knight = {n: r in ("knight", "骑士") for n, r in roles.items()}
+            assert latest_assumption(text[:h.end()], p.names) == (p.names[0], knight[p.names[0]])
+            line_end = text.find("\n", h.end())
+            for m in speaker.finditer(text, h.end(), line_end):
+                who = m.group(1)
+                assert latest_assumption(text[:m.end()], p.names) == (who, knight[who])
+                truth = p.solution[list(p.names).index(who)] == knight[who]
+                assert assumed_role_true(text[:m.end()], p.names, p.solution) is truth
+                checked["zh" if "说" in m.group(0) else "en"] += 1
+    assert min(checked.values()) > 10
+    # an "Assume" after the header takes over; a header after an "Assume" takes over again
+    assert latest_assumption("Case 2: Mia is a knight, Zoey is a knave. Assume Zoey is a knight.", NAMES) \
+        == ("Zoey", True)
+    assert latest_assumption("Assume Zoey is a knight. case 2: Mia is a Knave, Zoey is a knave.", NAMES) \
+        == ("Mia", False)
+
+
 def test_next_token_script_and_answer_label():
     assert is_chinese("假设") and is_chinese("\n假") and is_chinese(" 矛")
     assert not is_chinese(" Assume") and not is_chinese("\n") and not is_chinese("") and not is_chinese("Mia")
@@ -275,6 +346,9 @@ def test_context_labels_on_a_hand_written_trace():
     assert labels["answer_correct"] == [1, 1, 1, 1, 1]
     assert labels["next_verification"] == [0, 0, 0, 1, 0]
     assert labels["next_token_chinese"] == [0, 0, 1, 0, 0]
+    # a position at the very end of a response has no next token (None, or NaN through pandas)
+    ends = [dict(rows[0], next_text=None), dict(rows[0], next_text=float("nan"))]
+    assert context_labels(ctx, ends, "next_token_chinese").tolist() == [-1, -1]
     # no assumption yet; Zoey a knight (true); Ethan a knight (false); Mia a knave (false) twice
     assert labels["assumed_role_true"] == [-1, 1, 0, 0, 0]
     # a response without a think block has no answer_correct rows; one scored wrong is 0
@@ -397,8 +471,11 @@ def test_cli_on_two_tiny_checkpoints_writes_its_outputs(tiny_ckpt_pair, registry
     assert set(tr) == set(ids) and all(set(col) == set(ids) for col in tr.values())
     per = results["per_checkpoint"][ids[0]]["targets"]["answer_correct"]
     assert "skipped" not in per and len(per["layers"]) == 3
+    assert per["control_task"] == "response" and set(per["layers"][0]["controls"]) == {"response", "token"}
     assert per["layers"][0]["selectivity"] == pytest.approx(per["layers"][0]["accuracy"]
-                                                           - per["layers"][0]["control"]["accuracy"])
+                                                           - per["layers"][0]["controls"]["response"]["accuracy"])
+    other = results["per_checkpoint"][ids[0]]["targets"]["next_token_chinese"]
+    assert other.get("skipped") or set(other["layers"][0]["controls"]) == {"token"}
     # the saved probes load and score that checkpoint's features
     saved = sorted((out / "probes").rglob("layer-*.npz"))
     assert len(saved) == 2 * 4 * 3
@@ -417,6 +494,16 @@ def test_cli_on_two_tiny_checkpoints_writes_its_outputs(tiny_ckpt_pair, registry
     # a rerun is served from the cache
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "cached" in again.stderr
+    # probing only before </think>: every probed row is one, and the features are reused
+    end = tmp_path / "probes-end"
+    only = CliRunner().invoke(app, [*args[:args.index("--out") + 1], str(end), *args[args.index("--out") + 2:],
+                                    "--at", "before_think_end", "--targets", "answer_correct"])
+    assert only.exit_code == 0, only.output
+    res_end = json.loads((end / "results.json").read_text())["per_checkpoint"][ids[0]]
+    assert res_end["at"] == ["before_think_end"]
+    r_end = res_end["targets"]["answer_correct"]
+    assert 0 < r_end["n_rows"] <= res_end["n_contexts"] < per["n_rows"]   # at most one per response
+    assert "probed at: before_think_end" in (end / "summary.md").read_text()
 
 
 def test_module_entry_point_one_line_user_errors(tmp_path, registry_path, tiny_ckpt):
@@ -432,3 +519,7 @@ def test_module_entry_point_one_line_user_errors(tmp_path, registry_path, tiny_c
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "unknown probe target(s) bogus" in bad.stderr
+    bad_at = subprocess.run(py + ["run", "--registry", str(registry_path), "--at", "before_think_end,middle"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad_at.returncode == 2
+    assert len(bad_at.stderr.strip().splitlines()) == 1 and "unknown decision-point kind(s) middle" in bad_at.stderr
