@@ -211,8 +211,8 @@ def write_comparison(entries: Sequence[ComparisonEntry], out_dir: str | Path, *,
            "cross-validation; outer cross-validation over whole puzzles (stratified by size). "
            "Selectivity = accuracy minus that of a control task (a seeded random label per response for "
            "answer_correct, whose label is one per response, and per token type for the others; same C), also "
-           "given on balanced accuracy; the table gives every control task computed, the heatmaps the first. Probes use balanced class weights: accuracies are of "
-           "the balanced decision, ECE and Brier of probabilities at the training base rate, AUROC of the "
+           "given on balanced accuracy; the table gives every control task computed, the heatmaps the first. "
+           "Probes use balanced class weights: accuracies are of the balanced decision, ECE and Brier of probabilities at the training base rate, AUROC of the "
            "intercept-free scores. The permutation test refits the best layer's probe on permuted labels.", "",
            "| checkpoint | step | responses | accuracy | positions |", "|---|---|---|---|---|"]
     for e in entries:

@@ -484,8 +484,8 @@ def bag_of_tokens(prefixes: Sequence[Sequence[int]]):
 @single_thread
 def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequence[int],
                  controls: Mapping[str, Sequence[Any]], config: FitConfig, strata: Sequence[Any] | None = None,
-                 layers: Sequence[int] | None = None,
-                 rows: Sequence[int] | None = None, bag: Any = None, kinds: Sequence[Sequence[str]] | None = None,
+                 layers: Sequence[int] | None = None, rows: Sequence[int] | None = None, bag: Any = None,
+                 kinds: Sequence[Sequence[str]] | None = None,
                  progress: Callable[[], None] | None = None) -> dict:
     """Probe every layer of X (rows, layers, hidden) for one target.
 
@@ -493,9 +493,9 @@ def probe_target(X: Any, y: Sequence[int], *, groups: Sequence[Any], folds: Sequ
     type one random label); the first is the control of `control` and `selectivity`, every one
     is reported under `controls`. Returns per layer the task metrics, the control tasks' metrics
     and the selectivities; the best layer (highest AUROC); at it the permutation test and AUROC
-    by position kind; and the baselines (layer 0, bag of tokens when `bag` is given). `rows` picks rows of X (which may
-    be a memory map: only one layer is read at a time); y and the rest are already picked.
-    `progress` is called per layer.
+    by position kind; and the baselines (layer 0, bag of tokens when `bag` is given). `rows`
+    picks rows of X (which may be a memory map: only one layer is read at a time); y and the
+    rest are already picked. `progress` is called per layer.
     """
     y, groups, folds = np.asarray(y, dtype=int), np.asarray(groups), np.asarray(folds)
     strata = np.zeros(len(y), dtype=int) if strata is None else np.asarray(strata)
