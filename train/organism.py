@@ -363,6 +363,17 @@ class TraceWriter:
     def _contradiction(zh: bool) -> str:
         return "矛盾。" if zh else "Contradiction."
 
+    def _verification(self, p: Puzzle, assign: Sequence[bool]) -> tuple[str, bool]:
+        """The final verification passage: every statement against the full assignment, up
+        to the first that contradicts its speaker; and whether none did."""
+        parts = [VERIFY_OPEN]
+        for j in range(p.people):
+            value = evaluate(p.statements[j], assign)
+            parts.append(self._says(p, j, value, False, assign))
+            if value != assign[j]:
+                return " ".join(parts + ["Contradiction. I made a mistake."]), False
+        return " ".join(parts + [ALL_CONSISTENT]), True
+
     def _cases(self, p: Puzzle, rng: random.Random, t: Trace) -> tuple[list[str], list[bool]]:
         """Cases in a fixed order (case k: the bits of k-1, first person most significant,
         0 = knight), each checked statement by statement until one contradicts its speaker.
@@ -402,19 +413,11 @@ class TraceWriter:
             parts.append(("所有陈述都一致。" if zh else ALL_CONSISTENT) if t.thorough
                          else ("这个情况成立。" if zh else CASE_FITS))
             lines.append(" ".join(parts))
-            if t.verified:
-                # Every statement against the case taken; catches a quick trace's wrong case.
-                vparts = [VERIFY_OPEN]
-                for j in range(n):
-                    value = evaluate(p.statements[j], assign)
-                    vparts.append(self._says(p, j, value, False, assign))
-                    if value != assign[j]:
-                        vparts.append("Contradiction. I made a mistake.")
-                        break
-                else:
-                    lines.append(" ".join(vparts + [ALL_CONSISTENT]))
+            if t.verified:      # catches a quick trace's wrong case
+                passage, consistent = self._verification(p, assign)
+                lines.append(passage)
+                if consistent:
                     return lines, assign
-                lines.append(" ".join(vparts))
                 lead = "Back to the cases."
                 continue
             return lines, assign
@@ -485,20 +488,10 @@ class TraceWriter:
                     continue
                 if not verify:
                     break
-                # Final verification: every statement against the full assignment.
-                vparts, bad = [VERIFY_OPEN], False
-                for j in range(n):
-                    value = evaluate(stmts[j], path)
-                    vparts.append(self._says(p, j, value, False, path))
-                    if value != path[j]:
-                        vparts.append("Contradiction. I made a mistake.")
-                        bad = True
-                        break
-                if not bad:
-                    vparts.append("All statements are consistent.")
-                    lines.append(" ".join(vparts))
+                passage, consistent = self._verification(p, path)
+                lines.append(passage)
+                if consistent:
                     break
-                lines.append(" ".join(vparts))
                 path = path[:-1]   # the last step was not a dead end, but the assignment is
                 role_last = assign[-1]
                 if role_last:
