@@ -6,19 +6,26 @@
 PY := .venv/bin/python
 SCHEDULE ?= kk-tiny
 RUN ?= kk-tiny
+SEEDS ?= 0,1,2
 
-.PHONY: setup demo test bench clean-runs
+.PHONY: setup demo test seeds bench clean-runs
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m train.run stage3 --schedule $(SCHEDULE)
-	$(PY) -m analysis eval --run $(RUN) --stage base,stage3 --people 3,5 --n-per-size 25 --max-new-tokens 768
-	$(PY) -m analysis report --run $(RUN) --every 2 --probe-per-size 4 --max-new-tokens 384
+	$(PY) -m analysis eval --run $(RUN) --stage base,stage1,stage2,stage3 --people 3,5 --n-per-size 25 --max-new-tokens 640
+	$(PY) -m analysis report --run $(RUN) --every 2 --probe-sizes 3,5 --probe-per-size 8 --max-new-tokens 640
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The demo's dynamics over GRPO seeds (mean and 95% interval): about 12 minutes of training per
+# seed, then the evaluation of every stage end (docs/results.md).
+seeds: setup
+	$(PY) -m train.run stage3 --schedule $(SCHEDULE) --seeds $(SEEDS)
+	$(PY) -m analysis seeds --run $(RUN) --seeds $(SEEDS)
 
 bench: setup
 	$(PY) bench/bench_generator.py

@@ -24,6 +24,7 @@ follow "Let me verify."). Response-level ones follow a rule:
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +337,8 @@ def behaviour_stats(records: Sequence[Mapping[str, Any]], rules: Rules | None = 
     out: dict[str, Any] = {
         "n_responses": n,
         "accuracy": _mean(correct),
+        "accuracy_ci": wilson(correct.sum(), n),
+        "response_tokens_ci": mean_ci(tokens),
         "response_tokens_mean": _mean(tokens),
         "response_tokens_correct": _mean(tokens[correct == 1]),
         "response_tokens_wrong": _mean(tokens[correct == 0]),
@@ -365,6 +368,7 @@ def behaviour_stats(records: Sequence[Mapping[str, Any]], rules: Rules | None = 
             "level": b.level,
             "description": b.description,
             "share": _mean(present),
+            "share_ci": wilson(present.sum(), n),
             "n_with": int(present.sum()),
             "steps_per_response": _mean(counts),
             "step_share": float(counts.sum() / n_steps.sum()) if n_steps.sum() else None,
@@ -384,6 +388,26 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of a proportion k/n (None for n = 0)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_ci(x: np.ndarray) -> list[float] | None:
+    """95% Student-t interval of a mean (None for fewer than 2 values)."""
+    if len(x) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return [float(x.mean()) - half, float(x.mean()) + half]
+
+
 @register_analysis
 class BehavioursAnalysis(Analysis):
     """Behaviour frequencies in the checkpoint's probe-set responses, and how they relate
@@ -392,6 +416,7 @@ class BehavioursAnalysis(Analysis):
     name = "behaviours"
     title = "Reasoning behaviours"
     order = 20
+    version = 2
     uses_generations = True
     uses_model = False
 
@@ -442,8 +467,24 @@ class BehavioursAnalysis(Analysis):
         ax.set_ylabel("")
         return "\n".join(lines) + "\n", [("Share of responses showing each behaviour", fig)]
 
+    # Behaviours first on the index, in this order (the rest follow in the rules' order).
+    HEADLINE = ("verification", "verify_all_statements", "language_mixing")
+
     def trend_metrics(self, result: dict) -> dict[str, float]:
-        out = {"accuracy": result["accuracy"], "response length (tokens)": result["response_tokens_mean"]}
-        for name, b in result["behaviours"].items():
-            out[f"{name} frequency"] = b["share"]
+        out: dict[str, Any] = {}
+
+        def put(label: str, value: Any, ci: Any = None) -> None:
+            out[label] = value
+            if ci:
+                out[label + "@lo"], out[label + "@hi"] = ci
+
+        put("accuracy", result["accuracy"], result.get("accuracy_ci"))
+        put("response length (tokens)", result["response_tokens_mean"], result.get("response_tokens_ci"))
+        beh = result["behaviours"]
+        for name in sorted(beh, key=lambda n: (n not in self.HEADLINE, self.HEADLINE.index(n)
+                                               if n in self.HEADLINE else 0)):
+            put(f"{name} frequency", beh[name]["share"], beh[name].get("share_ci"))
+        mixing = beh.get("language_mixing")
+        if mixing and mixing.get("step_share") is not None:
+            put("thinking steps in Chinese (share)", mixing["step_share"])
         return {k: v for k, v in out.items() if v is not None}

@@ -3,6 +3,7 @@
     python -m analysis report --run kk-tiny --stage stage2,stage3 --every 2
     python -m analysis report --ids kk-tiny/stage1/step-000010 --analyses behaviours
     python -m analysis eval --run kk-tiny --people 3-7
+    python -m analysis seeds --run kk-tiny --seeds 0,1,2
     python -m analysis list
 """
 
@@ -18,12 +19,14 @@ import typer
 from analysis.cache import DEFAULT_ROOT
 from analysis.evaluate import EVAL_SEED, eval_command
 from analysis.harness import GENERATION_OPTIONS, GenerationConfig
+from analysis.seeds import seeds_command
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
 from train.cli import err_console, run_app
 
 app = typer.Typer(help="Checkpoint-by-checkpoint analysis of what RL changed: reports and evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command("eval")(eval_command)
+app.command("seeds")(seeds_command)
 
 
 def _parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:

@@ -34,6 +34,7 @@ from analysis.cache import DEFAULT_ROOT, ResultCache, atomic_write_text, weights
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, parse_steps, split_ids, with_option_groups
 from train.data import dataset_paths, generate_split, parse_people, read_puzzles, write_parquet
 from train.errors import UserError
+from train.models import ModelLoadError, check_model_folder, load_model_and_tokenizer, load_tokenizer
 from train.kk import MAX_PEOPLE, MIN_PEOPLE, Puzzle, content_key, parse_statements
 from train.reward import lenient_correct, score_response
 
@@ -41,7 +42,6 @@ __all__ = [
     "ANALYSIS",
     "EVAL_SEED",
     "PUBLISHED",
-    "CheckpointError",
     "EvalConfig",
     "EvalError",
     "EvalResult",
@@ -54,7 +54,6 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_model",
     "heldout_puzzles",
-    "load_checkpoint",
     "load_generations",
     "make_config",
     "mean_at_k",
@@ -74,10 +73,6 @@ GENERATION_COLUMNS = ("puzzle_id", "people", "sample", "text", "n_tokens", "fini
 
 class EvalError(UserError, ValueError):
     """Bad evaluation input: the message is one line."""
-
-
-class CheckpointError(EvalError):
-    """A checkpoint that cannot be evaluated (missing folder, unloadable weights)."""
 
 
 # --------------------------------------------------------------------------- config
@@ -329,26 +324,6 @@ def evaluate_model(model: Any, tokenizer: Any, puzzles: Sequence[Puzzle], config
     return EvalResult(config=config, generations=frame, summary=summarize(frame, config.k))
 
 
-def load_checkpoint(path: Path, ckpt_id: str, *, tokenizer_only: bool = False):
-    """(model, tokenizer) from an HF folder; any loading failure is a one-line CheckpointError."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer_only:
-            return None, tokenizer
-        # fp32 on CPU: bf16 matmuls there are slow and the numbers drift from GPU runs.
-        dtype = "auto" if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-    except Exception as exc:  # a corrupt folder fails in many library-specific ways
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {ckpt_id}: cannot load {path} ({type(exc).__name__}: {first})") from None
-    return model, tokenizer
-
-
 def registry_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The part of a summary kept in `ckpts.yaml` (rounded, plain types)."""
     def r(x: float) -> float | None:
@@ -378,11 +353,9 @@ def evaluate_checkpoint(registry: Any, ck: Any, config: EvalConfig, cache: Resul
     Generations are kept in a parquet sidecar (written before the JSON, so a JSON hit always
     has its sidecar). The summary is merged into the checkpoint's `eval` entry in the
     registry. Returns the summary plus "cached" (True when nothing was generated).
-    Raises CheckpointError, having cached nothing, when the checkpoint cannot be loaded.
+    Raises ModelLoadError, having cached nothing, when the checkpoint cannot be loaded.
     """
-    path = registry.resolve(ck)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {ck.id}: {path} is not a folder")
+    path = check_model_folder(registry.resolve(ck), ck.id)
     if puzzles is None:
         puzzles = eval_puzzles(config)
     params = config.cache_params()
@@ -399,9 +372,11 @@ def evaluate_checkpoint(registry: Any, ck: Any, config: EvalConfig, cache: Resul
         summary, cached = {**hit, **summarize(pd.read_parquet(sidecar), config.k)}, True
     else:
         backend = gen.resolve_backend(config.backend, path)
-        model, tokenizer = load_checkpoint(path, ck.id, tokenizer_only=backend == "vllm")
-        result = evaluate_model(str(path) if backend == "vllm" else model, tokenizer, puzzles, config,
-                                progress=progress)
+        if backend == "vllm":
+            model, tokenizer = str(path), load_tokenizer(path, ck.id)
+        else:
+            model, tokenizer = load_model_and_tokenizer(path, name=ck.id)
+        result = evaluate_model(model, tokenizer, puzzles, config, progress=progress)
         write_parquet(result.generations.to_dict("records"), sidecar)
         summary = {**result.summary, "checkpoint": ck.id, "path": str(path), "weights": fingerprint,
                    "puzzle_set": puzzle_hash, "backend": backend, "config": params,
@@ -571,7 +546,7 @@ def eval_command(
             bar.update(task, description=f"checkpoints ({ck.id})")
             try:
                 summary = evaluate_checkpoint(reg, ck, config, store, progress=bar, puzzles=puzzles)
-            except CheckpointError as exc:
+            except ModelLoadError as exc:
                 bar.console.print(f"[bold red]failed:[/] {exc}")
                 failed.append({"id": ck.id, "error": str(exc)})
             else:

@@ -41,22 +41,16 @@ from analysis.evaluate import EVAL_SEED
 from analysis.selection import OptionGroup
 from train.errors import UserError
 from train.kk import Puzzle
+from train.models import ModelLoadError, first_line
 from train.registry import Checkpoint, Registry
 
 PLUGIN_PACKAGES = ("analysis", "probes")
 GENERATIONS = "generations"        # cache name of a checkpoint's probe-set generations
 SHARED_CACHE_ID = "_shared"        # cache "checkpoint" for checkpoint-independent results
-# A model's embedding may have more rows than its tokenizer has tokens (Qwen2.5 pads 271);
-# more spare rows than this means the tokenizer belongs to another model.
-VOCAB_SLACK = 1024
 
 
 class HarnessError(UserError):
     pass
-
-
-class CheckpointError(HarnessError):
-    """A checkpoint that cannot be analysed; the message names it."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -173,80 +167,33 @@ def checkpoints_cast(registry: Registry, checkpoints: Sequence[Checkpoint]) -> b
 
 # --------------------------------------------------------------------------- loading
 
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def pick_dtype(dtype: str = "auto", device: str = "cpu"):
-    """fp32 on CPU (bf16 matmuls are slow there and lose the precision the probabilities
-    need); bf16 on a GPU that supports it, else fp16."""
-    import torch
-
-    if dtype != "auto":
-        try:
-            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-        except KeyError:
-            raise HarnessError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def load_model(path: str | Path, *, ckpt_id: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """Load an HF folder through nnsight; returns (TransformersModel, tokenizer).
+    """Load an HF folder through nnsight (eager attention, so attention probabilities are
+    readable); returns (TransformersModel, tokenizer).
 
-    Raises CheckpointError (one line naming the checkpoint) for a missing folder, an
-    unreadable tokenizer or weights, or a tokenizer whose vocabulary does not fit the model.
-    """
+    The folder is checked and its tokenizer read by `train.models`, the project's one loader;
+    a problem is a one-line ModelLoadError naming the checkpoint."""
     from nnsight import TransformersModel
-    from transformers import AutoTokenizer
+
+    from train.models import load_tokenizer, pick_device, pick_dtype, vocab_problem
 
     path = Path(path)
     name = ckpt_id or str(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{name}: checkpoint folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{name}: {path} is not an HF model folder (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise CheckpointError(f"{name}: no weights (*.safetensors or *.bin) in {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # any failure to read the files is the checkpoint's fault
-        raise CheckpointError(f"{name}: cannot load the tokenizer from {path} ({_first_line(exc)})") from None
+    tokenizer = load_tokenizer(path, name)
     device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
     kwargs = {"device_map": device} if device != "cpu" else {}
     try:
         lm = TransformersModel(str(path), tokenizer=tokenizer, task="text-generation", dispatch=True,
-                               attn_implementation="eager", dtype=torch_dtype, **kwargs)
+                               attn_implementation="eager", dtype=pick_dtype(dtype, device), **kwargs)
     except Exception as exc:
-        raise CheckpointError(f"{name}: cannot load the weights from {path} ({_first_line(exc)})") from None
+        raise ModelLoadError(f"{name}: cannot load the weights from {path} ({first_line(exc)})") from None
     problem = vocab_problem(lm._module, tokenizer)
     if problem:
         del lm
         release_memory()
-        raise CheckpointError(f"{name}: {problem}")
+        raise ModelLoadError(f"{name}: {problem}")
     lm._module.eval()
     return lm, tokenizer
-
-
-def vocab_problem(model: Any, tokenizer: Any) -> str | None:
-    """Why the tokenizer does not fit the model's embedding, or None when it does."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    n_tok = len(tokenizer)
-    if n_tok > rows or rows - n_tok > max(VOCAB_SLACK, rows // 100):
-        return f"the tokenizer has {n_tok} tokens but the model embeds {rows}: they do not belong together"
-    return None
 
 
 def release_memory() -> None:
@@ -343,7 +290,7 @@ def load_plugins(extra_modules: Sequence[str] = ()) -> dict[str, type[Analysis]]
         try:
             importlib.import_module(mod)
         except ImportError as exc:
-            raise HarnessError(f"cannot import plug-in module {mod!r} ({_first_line(exc)})") from None
+            raise HarnessError(f"cannot import plug-in module {mod!r} ({first_line(exc)})") from None
     return dict(_ANALYSES)
 
 
@@ -563,7 +510,7 @@ def analyse_checkpoint(registry: Registry, ck: Checkpoint, analyses: Sequence[An
             cache.put(ck.id, a.name, keys[a.name], result)
             outcome.results[a.name] = result
             outcome.computed.append(a.name)
-    except CheckpointError as exc:
+    except ModelLoadError as exc:
         outcome.error = str(exc)
     except UserError as exc:
         outcome.error = f"{ck.id}: {exc}"

@@ -27,10 +27,12 @@ value at every position to its mean over English tokens) and measure the change 
 probability mass the model puts on CJK tokens at the switch points, against k random
 neurons drawn with the same count per layer (seeded, several draws).
 
-Contexts: the checkpoint's own generations when they switch to Chinese often enough, else
-fixed contexts (the same token ids for every checkpoint with this tokenizer): each probe
-puzzle's prompt and a deterministic trace whose lines alternate between English and
-Chinese ("假设 Zoey 是骑士。", see `mixed_trace`).
+Contexts, the first that switches to Chinese often enough: the checkpoint's own generations
+of the probe set (greedy by default, which seldom switches); its own responses sampled at
+T=1 (`samples` per probe puzzle, seeded), which carry the switches the model makes in its own
+style; else fixed contexts (the same token ids for every checkpoint with this tokenizer):
+each probe puzzle's prompt and a deterministic trace whose lines alternate between English
+and Chinese ("假设 Zoey 是骑士。", see `mixed_trace`).
 
 Trend: the overlap (Jaccard) of the per-layer top neurons with the run's base checkpoint
 and the previous checkpoint, read from their cached results (computed in step order).
@@ -53,6 +55,7 @@ from analysis.segment import segment_steps, think_span, token_offsets
 from train.kk import Puzzle, evaluate, persons_in
 
 NAME = "neurons"
+SOURCES = ("auto", "own", "sampled", "fixed")
 EN, ZH, NONE = 0, 1, -1
 CJK = re.compile(r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -160,8 +163,7 @@ def mixed_trace(p: Puzzle) -> str:
     """A deterministic correct trace in the K&K step style of `train.organism` (one line per
     person: the role, then every statement that can now be evaluated), with the lines of
     odd-numbered people written in Chinese ("假设 Zoey 是骑士。 Zoey 说 Ethan 是骗子，这是真的。")."""
-    from train.kk import statement_en
-    from train.organism import ROLE_EN, ROLE_ZH, statement_zh
+    from train.kk import ROLE_EN, ROLE_ZH, statement_en, statement_zh
 
     names, stmts = p.names, p.statements
     closes_at: list[list[int]] = [[] for _ in names]
@@ -476,11 +478,14 @@ class NeuronsAnalysis(Analysis):
     def __init__(self, top_per_layer: int = 10, ks: Sequence[int] = (5, 20), n_random: int = 8,
                  min_prob: float = 0.05, min_switch_points: int = 16, min_switch_contexts: int = 4,
                  max_contexts: int = 40, max_tokens: int = 2048, seed: int = 0, source: str = "auto",
-                 match: str = "nearest", registry: str | None = None):
+                 match: str = "nearest", samples: int = 4, registry: str | None = None):
         if isinstance(ks, (int, float, str)):
             ks = [int(k) for k in str(ks).split(",") if str(k).strip()]
-        if source not in ("auto", "own", "fixed"):
-            raise NeuronsError(f"neurons source must be auto, own or fixed, not {source!r}")
+        if source not in SOURCES:
+            raise NeuronsError(f"neurons.source must be one of {', '.join(SOURCES)}, not {source!r}")
+        if int(samples) < 1:
+            raise NeuronsError(f"neurons.samples must be at least 1, not {samples!r}")
+        self.samples = int(samples)
         if match not in MATCHES:
             raise NeuronsError(f"neurons match must be one of {', '.join(MATCHES)}, not {match!r}")
         if int(top_per_layer) < 1 or int(n_random) < 1 or any(int(k) < 0 for k in ks) or not 0 <= float(min_prob) <= 1:
@@ -496,7 +501,7 @@ class NeuronsAnalysis(Analysis):
                 "min_prob": self.min_prob, "min_switch_points": self.min_switch_points,
                 "min_switch_contexts": self.min_switch_contexts, "max_contexts": self.max_contexts,
                 "max_tokens": self.max_tokens, "seed": self.seed, "source": self.source, "match": self.match,
-                "template": TEMPLATE_VERSION}
+                "samples": self.samples, "template": TEMPLATE_VERSION}
 
     # ------------------------------------------------------------------ contexts
     def fixed_contexts(self, ctx: AnalysisContext) -> list[Context]:
@@ -511,14 +516,31 @@ class NeuronsAnalysis(Analysis):
         return [make_context(ctx.tokenizer, prompt, rec["text"], p.names, key=p.id, max_tokens=self.max_tokens)
                 for rec, p, prompt in ctx.prompted_generations()]
 
+    def sampled_contexts(self, ctx: AnalysisContext) -> list[Context]:
+        """The checkpoint's own responses to the probe set at T=1, `samples` per puzzle."""
+        from analysis.generate import generate, render_prompts
+
+        gen = ctx.config.generation
+        prompts = render_prompts(ctx.tokenizer, ctx.probe, gen.prompt_style)
+        outs = generate(ctx.hf_model, ctx.tokenizer, prompts, max_new_tokens=gen.max_new_tokens, temperature=1.0,
+                        num_samples=self.samples, batch_size=gen.batch_size, seed=self.seed,
+                        progress=ctx.progress or False)
+        return [make_context(ctx.tokenizer, prompt, out.text, p.names, key=f"{p.id}#{j}", max_tokens=self.max_tokens)
+                for p, prompt, samples in zip(ctx.probe, prompts, outs) for j, out in enumerate(samples)]
+
+    def _enough(self, contexts: Sequence[Context], scripts: np.ndarray) -> bool:
+        counts = [len(switch_points(c, scripts)[0]) for c in contexts]
+        return sum(counts) >= self.min_switch_points and sum(1 for n in counts if n) >= self.min_switch_contexts
+
     def choose_contexts(self, ctx: AnalysisContext, scripts: np.ndarray) -> tuple[str, list[Context]]:
-        if self.source in ("auto", "own"):
-            own = self.own_contexts(ctx)
-            counts = [len(switch_points(c, scripts)[0]) for c in own]
-            enough = sum(counts) >= self.min_switch_points and sum(1 for n in counts if n) >= self.min_switch_contexts
-            if enough or self.source == "own":
-                return "own", own
-        return "fixed", self.fixed_contexts(ctx)
+        """The first source (own, sampled, fixed; or the one asked for) with enough switches."""
+        order = {"auto": ("own", "sampled", "fixed")}.get(self.source, (self.source,))
+        make = {"own": self.own_contexts, "sampled": self.sampled_contexts, "fixed": self.fixed_contexts}
+        for source in order:
+            contexts = make[source](ctx)
+            if source == order[-1] or self._enough(contexts, scripts):
+                return source, contexts
+        raise AssertionError("unreachable")
 
     def split(self, contexts: Sequence[Context], scripts: np.ndarray) -> tuple[list[Context], list[Context]]:
         """Selection and held-out halves of the contexts with switch points (seeded);
@@ -660,8 +682,11 @@ class NeuronsAnalysis(Analysis):
         def f(x: Any, digits: int = 4) -> str:
             return "–" if x is None else f"{x:.{digits}g}"
 
-        src = ("the checkpoint's own generations" if result["source"] == "own" else
-               "fixed contexts with Chinese steps (the generations switch to Chinese too rarely)")
+        src = {"own": "the checkpoint's own generations of the probe set",
+               "sampled": "the checkpoint's own responses sampled at T=1 (its probe-set generations "
+                          "switch to Chinese too rarely)",
+               "fixed": "fixed contexts with Chinese steps (its own responses switch to Chinese too rarely)",
+               }[result["source"]]
         lines = [f"Contexts: {src}; {result['n_contexts']['select']} for selection, {result['n_contexts']['heldout']} "
                  f"held out; {result['n_tokens']['en']} English and {result['n_tokens']['zh']} CJK tokens; "
                  f"{result['n_switch_points']['select']} / {result['n_switch_points']['heldout']} switch points. "

@@ -149,6 +149,9 @@ def checkpoint_report(outcome: CheckpointOutcome, analyses: Sequence[Analysis],
 
 # --------------------------------------------------------------------------- trends
 
+EVAL_METRIC = "held-out accuracy (evaluation)"
+
+
 def trend_frame(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analysis]):
     """Long table of every trend metric: checkpoint, run, stage, global_step, analysis,
     metric, value, lo, hi (NaN where no interval)."""
@@ -170,7 +173,7 @@ def trend_frame(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analys
                              "hi": float(metrics.get(label + "@hi", math.nan))})
         acc = (ck.eval or {}).get("accuracy")
         if isinstance(acc, (int, float)):
-            rows.append({**base, "analysis": "eval", "metric": "held-out accuracy (evaluation)",
+            rows.append({**base, "analysis": "eval", "metric": EVAL_METRIC,
                          "value": float(acc), "lo": math.nan, "hi": math.nan})
     return pd.DataFrame(rows, columns=["checkpoint", "run", "stage", "global_step", "analysis", "metric",
                                        "value", "lo", "hi"])
@@ -231,16 +234,26 @@ def index_report(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analy
     csv_path = out_dir / "trends.csv"
     atomic_write_text(csv_path, frame.to_csv(index=False))
 
-    wide = (frame.pivot_table(index="checkpoint", columns="metric", values="value", aggfunc="first")
+    wide = (frame.pivot_table(index="checkpoint", columns="metric", values=["value", "lo", "hi"], aggfunc="first")
             if len(frame) else None)
-    headline = list(dict.fromkeys(frame["metric"]))[:6] if len(frame) else []
+    metrics = list(dict.fromkeys(frame["metric"])) if len(frame) else []
+    evaluated = [m for m in metrics if m == EVAL_METRIC]
+    headline = (evaluated + [m for m in metrics if m != EVAL_METRIC])[:7]
+
+    def cell(ck_id: str, metric: str) -> str:
+        if wide is None or ck_id not in wide.index or ("value", metric) not in wide.columns:
+            return "–"
+        value, lo, hi = (wide.loc[ck_id, (k, metric)] for k in ("value", "lo", "hi"))
+        if value is None or math.isnan(value):
+            return "–"
+        return _fmt(value) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if not (math.isnan(lo) or math.isnan(hi)) else "")
+
     head = ["checkpoint", "run", "stage", "step"] + headline
     table_md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table_html = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for o in outcomes:
         ck = o.checkpoint
-        vals = [_fmt(wide.loc[ck.id, m]) if wide is not None and ck.id in wide.index and m in wide.columns else "–"
-                for m in headline]
+        vals = [cell(ck.id, m) for m in headline]
         if ck.id in pages:
             h, m = pages[ck.id]
             link_md, link_html = f"[{ck.id}]({m.name})", f'<a href="{html.escape(h.name)}">{html.escape(ck.id)}</a>'
@@ -253,8 +266,10 @@ def index_report(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analy
     failed = [o for o in outcomes if o.error]
 
     title = "Checkpoint analysis"
-    md = [f"# {title}\n", f"{len(outcomes)} checkpoints, {len(failed)} failed.\n", *table_md, ""]
-    body = [f"<h1>{title}</h1>", f"<p>{len(outcomes)} checkpoints, {len(failed)} failed.</p>", "".join(table_html)]
+    note = "Cells: value [95% interval] where the analysis gives one."
+    md = [f"# {title}\n", f"{len(outcomes)} checkpoints, {len(failed)} failed. {note}\n", *table_md, ""]
+    body = [f"<h1>{title}</h1>", f"<p>{len(outcomes)} checkpoints, {len(failed)} failed. {note}</p>",
+            "".join(table_html)]
     if failed:
         md += ["## Failed\n"] + [f"- {o.error}" for o in failed] + [""]
         body += ["<h2>Failed</h2><ul>"] + [f'<li class="error">{html.escape(o.error)}</li>' for o in failed] + ["</ul>"]

@@ -14,10 +14,12 @@ a row carries `char`, the end of the response prefix the model has read there, a
                       is CJK);
 * assumed_role_true   is the role the reasoning currently assumes for a named person the true
                       one: the latest "Assume / Suppose / If X is a knight|knave" (假设 / 如果 X
-                      是骑士|骗子), or, when a case header ("Case 3: A is a knight, B is a
-                      knave, ..." / "情况3：...") came later, that case's role for the person
-                      being checked (the latest "X says" / "X 说" after the header, else the
-                      header's first person); only where such an assumption exists.
+                      是骑士|骗子), or, when a header assigning several people came later
+                      ("Case 3: A is a knight, B is a knave, ..." / "情况3：..."; a search
+                      node "Suppose A is a knight, B is a knave." / "假设 A 是骑士， B 是骗子。"),
+                      its role for the person being checked (the latest "X says" / "X 说" after
+                      the header, else the case's first person or the node's last, the one
+                      it adds); only where such an assumption exists.
 
 Control tasks (`CONTROL_UNITS`): Hewitt and Liang give each word type a random label, the unit
 a memorising probe could key on. For a target that labels single positions that unit is the
@@ -55,8 +57,10 @@ _ASSUME_EN = re.compile(
     r"(?i:(?:let(?:'s| us| me)\s+)?(?:assume|assuming|suppose|supposing|if|what if))\s+(?i:that\s+)?"
     r"([A-Z][\w'-]*)\s+(?i:is|were|was)\s+(?i:an?)\s+(?i:(knight|knave))\b")
 _ASSUME_ZH = re.compile(r"(?:假设|如果|假如|设)\s*([A-Za-z][\w'-]*)\s*是\s*(骑士|骗子|无赖|knight|knave)")
-# A case header of a search by cases, and the assignments it lists.
-_CASE = re.compile(r"(?:\b(?i:case)\s*\d+\s*:|情况\s*\d+\s*[:：])([^.。\n]*)")
+# A case header of a search by cases, or a node of a depth-first search, and the assignments
+# it lists (group 1: a case, whose first person is checked first; group 2: a node, whose
+# last person is the one it adds).
+_CASE = re.compile(r"(?:\b(?i:case)\s*\d+\s*:|情况\s*\d+\s*[:：])([^.。\n]*)|(?:\b(?i:suppose)\b|假设)([^.。\n]*)")
 _CASE_ROLE = re.compile(r"([A-Z][\w'-]*)\s*(?:(?i:is\s+an?\s+(knight|knave))\b|是\s*(骑士|骗子|无赖))")
 _SPEAKER = re.compile(r"([A-Z][\w'-]*)\s*(?:says\b|说)")
 _REPORTED = re.compile(r"\b(?:says?|said|claims?|claimed|states?|stated)\b[^.!?\n]*$|说[^。！？\n]*$", re.IGNORECASE)
@@ -143,11 +147,12 @@ def latest_case(prefix: str, names: Sequence[str]) -> tuple[int, str, bool] | No
         header = m
     if header is None:
         return None
-    roles = {name: (en or zh).lower() in _KNIGHT for name, en, zh in _CASE_ROLE.findall(header.group(1)) if name in known}
+    listed = header.group(1) if header.group(1) is not None else header.group(2)
+    roles = {name: (en or zh).lower() in _KNIGHT for name, en, zh in _CASE_ROLE.findall(listed) if name in known}
     if not roles:
         return None
     speakers = [m.group(1) for m in _SPEAKER.finditer(prefix, header.end()) if m.group(1) in roles]
-    name = speakers[-1] if speakers else next(iter(roles))
+    name = speakers[-1] if speakers else list(roles)[0 if header.group(1) is not None else -1]
     return header.start(), name, roles[name]
 
 
@@ -164,6 +169,9 @@ def latest_assumption(prefix: str, names: Sequence[str]) -> tuple[str, bool] | N
             if name not in known:
                 continue
             start = m.start(1)
+            if case is not None and case[0] <= start and "\n" not in prefix[case[0]:start] \
+                    and not re.search(r"[.。]", prefix[case[0]:start]):
+                continue            # the header's own first assignment
             line_start = max(prefix.rfind(c, 0, start) for c in "\n")
             if _REPORTED.search(prefix[line_start + 1:m.start()]):
                 continue

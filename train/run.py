@@ -21,7 +21,7 @@ import typer
 
 from train.cli import err_console, run_app
 from train.errors import UserError
-from train.registry import Checkpoint, Registry
+from train.registry import Checkpoint, Registry, parse_seeds, seed_run
 from train.schedule import STAGES, Schedule, ScheduleError, Segment, load_schedule, plan
 
 DEFAULT_SCHEDULE = "kk-tiny"
@@ -200,6 +200,8 @@ def main(
     set_: list[str] = typer.Option([], "--set", help="schedule override, e.g. stages.stage1.steps=5"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and touch nothing"),
     quiet: bool = typer.Option(False, help="no progress bars"),
+    seeds: str = typer.Option(None, help="train one run per GRPO seed, e.g. 0,1,2: run <run>-seed<N>, "
+                              "every stage seeded N, the same base and data (then: python -m analysis seeds)"),
 ):
     """Train up to TARGET (earlier stages as needed), skipping what is complete."""
     if target not in TARGETS:
@@ -207,8 +209,20 @@ def main(
     overrides = _overrides(set_)
     if run:
         overrides["run"] = run
-    sched = load_schedule(schedule, overrides)
-    reg = Registry(registry)
+    if seeds is not None:
+        base = load_schedule(schedule, overrides)
+        for seed in parse_seeds(seeds):
+            seeded = {**overrides, "run": seed_run(base.run, seed),
+                      **{f"stages.{stage}.seed": str(seed) for stage in STAGES}}
+            err_console.print(f"[bold]seed {seed}[/]: run {seeded['run']}")
+            _main(target, load_schedule(schedule, seeded), Registry(registry), engine, runs_dir, dry_run, quiet)
+        return
+    _main(target, load_schedule(schedule, overrides), Registry(registry), engine, runs_dir, dry_run, quiet)
+
+
+def _main(target: str, sched: Schedule, reg: Registry, engine: str, runs_dir: Path, dry_run: bool,
+          quiet: bool) -> None:
+    registry = reg.path
     if engine == "verl":
         from train.engine_verl import run_verl
 

@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizers trained with `tokenizers`, laid out like Qwen2's.
+"""The organism's tokenizer: a Qwen-style byte-level BPE trained on its SFT text, with the
+pieces a trace is built from added as single tokens.
 
 The pre-tokenizer must be Qwen's (NFC, the Qwen split regex, ByteLevel without its own regex):
 otherwise `AutoTokenizer` reloads the folder as a Qwen2Tokenizer that splits text differently
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from train.organism.traces import CLAUSE_EN, THINK_OPEN, node_phrase, tree_nodes
 from train.prompts import CHATML_TEMPLATE
 
 QWEN_SPLIT = (
@@ -56,3 +58,42 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_freque
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
+
+
+def cast_phrases(n_names: int = 8) -> list[str]:
+    """The fixed cast's speaker phrases ("Zoey says") and clauses ("Zoey is not a knave") for
+    the first `n_names` names, each with and without a leading space (`clause_tokens`)."""
+    from train.kk import NAMES
+
+    cast = NAMES[:n_names]
+    phrases = [f"{n} says" for n in cast] + [f"{n} is {neg}a {r}" for n in cast for neg in ("", "not ")
+                                            for r in ("knight", "knave")]
+    return [v for p in phrases for v in (p, " " + p)]
+
+
+def valued_clauses() -> dict[str, str]:
+    """Each clause of `cast_phrases()` followed by its value (" Zoey is a knave (no)"), mapped
+    to the bare clause (`value_tokens`)."""
+    return {c + CLAUSE_EN[v]: c for c in cast_phrases() if " says" not in c for v in (True, False)}
+
+
+def node_phrases(max_people: int) -> list[str]:
+    """The fixed cast's search nodes (`traces.node_phrase`), English and Chinese, for up to
+    `max_people` people."""
+    from train.kk import NAMES
+
+    return [node_phrase(NAMES, roles, zh) for zh in (False, True) for roles in tree_nodes(max_people)]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, names_as_tokens: bool = True,
+                    clause_tokens: bool = False, value_tokens: bool = False, think_token: bool = False,
+                    node_people: int = 0):
+    """The organism's tokenizer: the format tags, the puzzle names when `names_as_tokens`,
+    `cast_phrases()` when `clause_tokens`, `valued_clauses()` when `value_tokens`, THINK_OPEN
+    when `think_token` and `node_phrases(node_people)` are single tokens."""
+    from train.kk import NAMES
+
+    phrases = (cast_phrases() if clause_tokens else []) + (list(valued_clauses()) if value_tokens else []) \
+        + ([THINK_OPEN] if think_token else []) + (node_phrases(node_people) if node_people else [])
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size, whole_words=NAMES if names_as_tokens else (),
+                               phrases=phrases)
