@@ -16,7 +16,7 @@ setup:
 demo: setup
 	$(PY) -m train.run stage3 --schedule $(SCHEDULE)
 	$(PY) -m analysis eval --run $(RUN) --stage base,stage1,stage2,stage3 --people 3,5 --n-per-size 25 --max-new-tokens 640
-	$(PY) -m analysis report --run $(RUN) --every 2 --probe-sizes 3,5 --probe-per-size 8 --max-new-tokens 640
+	$(PY) -m analysis report --run $(RUN) --every 2 --puzzle-sizes 3,5 --puzzles-per-size 8 --max-new-tokens 640
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -6,7 +6,7 @@ q/k projection outputs of every layer are read through nnsight (in forward order
 model's rotary embedding is applied here in fp32 (Qwen2 and Llama layouts, which share the
 rotate-half convention; grouped-query heads are repeated), and the causal softmax is taken
 in fp32. Inside the same pass, layer by layer and in chunks of query rows, the token x
-token probabilities are reduced to step x step matrices (steps from `analysis.segment`),
+token probabilities are reduced to step x step matrices (steps from `analysis.steps`),
 so no layer's full T x T matrix, let alone all layers', is ever kept.
 
 Two reductions per layer and head, over the steps of the thinking (prompt tokens, tokens
@@ -18,7 +18,7 @@ columns):
 * block[a, b]: the mean token-to-token probability over the causally allowed pairs of the
                block (the Thought Anchors "sentence x sentence" matrix).
 
-Per checkpoint, over its probe-set generations:
+Per checkpoint, over its puzzle-set generations:
 
 * look-back score:     share of a step's attention to steps (b <= a) that goes to steps more
                        than p back (a - b > p), averaged over the steps that have such steps;
@@ -47,7 +47,8 @@ import numpy as np
 
 from analysis.cache import json_safe
 from analysis.harness import Analysis, AnalysisContext, HarnessError, register_analysis
-from analysis.segment import Step, segment_steps, think_span, token_offsets
+from analysis.steps import Step, split_steps, think_span, token_offsets
+from train.layout import DecoderLayout, decoder_layers, decoder_layout, rotary_embedding
 
 NAME = "attention"
 
@@ -58,37 +59,9 @@ class AttentionError(HarnessError):
 
 # --------------------------------------------------------------------------- layout and RoPE
 
-@dataclass(frozen=True)
-class AttnLayout:
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    scaling: float
-
-
-def attention_layout(hf: Any) -> AttnLayout:
-    """Head counts and scaling of a Qwen2/Llama-style decoder (q_proj/k_proj, rotary_emb)."""
-    base = getattr(hf, "model", None)
-    layers = getattr(base, "layers", None)
-    if layers is None or getattr(base, "rotary_emb", None) is None:
-        raise AttentionError(f"{type(hf).__name__}: attention analysis needs model.layers and model.rotary_emb "
-                             "(Qwen2/Llama layout)")
-    attn = layers[0].self_attn
-    if not (hasattr(attn, "q_proj") and hasattr(attn, "k_proj")):
-        raise AttentionError(f"{type(hf).__name__}: attention has no q_proj/k_proj")
-    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-        raise AttentionError(f"{type(hf).__name__}: q/k normalisation (Qwen3 layout) is not supported")
-    cfg = hf.config
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-        raise AttentionError(f"{type(hf).__name__}: sliding-window attention is not supported")
-    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise AttentionError(f"{type(hf).__name__}: partial rotary embeddings are not supported")
-    n_heads = int(cfg.num_attention_heads)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
-    return AttnLayout(n_layers=len(layers), n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, scaling=scaling)
+def attention_layout(hf: Any) -> DecoderLayout:
+    """Head counts and scaling of a Qwen2/Llama-style decoder (`train.layout`)."""
+    return decoder_layout(hf, needs=("attention",), what="attention analysis", error=AttentionError)
 
 
 def rotary_tables(hf: Any, n_tokens: int, device: Any = "cpu"):
@@ -98,7 +71,7 @@ def rotary_tables(hf: Any, n_tokens: int, device: Any = "cpu"):
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rot = hf.model.rotary_emb
+    rot = rotary_embedding(hf)
     rope_type = getattr(rot, "rope_type", "default")
     inv_freq, scale = None, getattr(rot, "attention_scaling", 1.0)
     if rope_type == "default" and hasattr(rot, "compute_default_rope_parameters"):
@@ -126,18 +99,18 @@ def rope_heads(x, n_heads: int, head_dim: int, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
-def attention_probs(q, k, layout: AttnLayout, cos, sin, rows=None):
+def attention_probs(q, k, layout: DecoderLayout, cos, sin, rows=None):
     """fp32 causal attention probabilities (H, len(rows), T) from raw q/k projection outputs
     (T, H*D) and (T, Hkv*D); `rows` are query positions (default all)."""
     import torch
 
     T = k.shape[0]
-    qh = rope_heads(q, layout.n_heads, layout.head_dim, cos, sin)
-    kh = rope_heads(k, layout.n_kv_heads, layout.head_dim, cos, sin)
+    qh = rope_heads(q, layout.n_heads, layout.d_head, cos, sin)
+    kh = rope_heads(k, layout.n_kv_heads, layout.d_head, cos, sin)
     kh = kh.repeat_interleave(layout.n_heads // layout.n_kv_heads, dim=0)
     if rows is None:
         rows = torch.arange(T, device=qh.device)
-    return _probs_rows(qh, kh, rows, layout.scaling)
+    return _probs_rows(qh, kh, rows, layout.attn_scale)
 
 
 def _probs_rows(qh, kh, rows, scaling: float):
@@ -217,7 +190,7 @@ def reduce_probs(probs, bounds: Sequence[tuple[int, int]], *, sink: bool = True)
     return _finish(sums, bounds, T, sink)
 
 
-def step_reduction(q, k, layout: AttnLayout, cos, sin, bounds: Sequence[tuple[int, int]], *,
+def step_reduction(q, k, layout: DecoderLayout, cos, sin, bounds: Sequence[tuple[int, int]], *,
                    chunk: int = 256, sink: bool = True):
     """One layer's (mass, block) step matrices, each (H, S, S) fp32, from its raw q/k
     projection outputs, computing probabilities for `chunk` query rows at a time (peak
@@ -229,20 +202,20 @@ def step_reduction(q, k, layout: AttnLayout, cos, sin, bounds: Sequence[tuple[in
     qry_step = step_index(bounds, T, sink=False).to(device)
     key_onehot = _key_onehot(bounds, T, sink, device)
     rows_all = (qry_step >= 0).nonzero()[:, 0]
-    qh = rope_heads(q, layout.n_heads, layout.head_dim, cos.to(device), sin.to(device))
-    kh = rope_heads(k, layout.n_kv_heads, layout.head_dim, cos.to(device), sin.to(device))
+    qh = rope_heads(q, layout.n_heads, layout.d_head, cos.to(device), sin.to(device))
+    kh = rope_heads(k, layout.n_kv_heads, layout.d_head, cos.to(device), sin.to(device))
     kh = kh.repeat_interleave(layout.n_heads // layout.n_kv_heads, dim=0)
     sums = torch.zeros((layout.n_heads, len(bounds), len(bounds)), dtype=torch.float32, device=device)
     for start in range(0, len(rows_all), max(1, int(chunk))):
         rows = rows_all[start:start + chunk]
-        probs = _probs_rows(qh, kh, rows, layout.scaling)              # (H, C, T)
+        probs = _probs_rows(qh, kh, rows, layout.attn_scale)              # (H, C, T)
         sums.index_add_(1, qry_step[rows], torch.matmul(probs, key_onehot))
         del probs
     return _finish(sums, bounds, T, sink)
 
 
 def step_matrices(lm: Any, ids: Sequence[int], bounds: Sequence[tuple[int, int]], *, chunk: int = 256,
-                  layout: AttnLayout | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  layout: DecoderLayout | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mass, block), each (L, H, S, S), for one sequence: one nnsight pass that reads each
     layer's q/k projections in forward order and reduces them inside the pass."""
     import torch
@@ -255,7 +228,7 @@ def step_matrices(lm: Any, ids: Sequence[int], bounds: Sequence[tuple[int, int]]
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
     mass, block = [], []
     with torch.no_grad(), lm.trace(x, use_cache=False, **extra):
-        for layer in lm.model.layers:
+        for layer in decoder_layers(lm):
             q = layer.self_attn.q_proj.output[0]
             k = layer.self_attn.k_proj.output[0]
             m, b = step_reduction(q, k, layout, cos, sin, bounds, chunk=chunk)
@@ -285,7 +258,7 @@ def encode_trace(tokenizer: Any, prompt: str, response: str, *, max_tokens: int 
     P = len(prompt_ids)
     ids = (list(prompt_ids) + list(resp_ids))[:max_tokens]
     steps, bounds = [], []
-    for st in segment_steps(response, offsets=offsets, span=think_span(response)):
+    for st in split_steps(response, offsets=offsets, span=think_span(response)):
         a, b = P + st.tok_start, min(P + st.tok_end, len(ids))
         if b > a:
             steps.append(st)
@@ -443,7 +416,7 @@ def _tolist(x: np.ndarray, digits: int = 5) -> list:
 
 
 
-def summarize_traces(per_trace: Sequence[dict], layout: AttnLayout, *, p: int, n_receivers: int,
+def summarize_traces(per_trace: Sequence[dict], layout: DecoderLayout, *, p: int, n_receivers: int,
                      n_boot: int, seed: int) -> dict:
     """Aggregate per-trace arrays (keys lookback, distance, kurtosis: (L, H); share, base:
     (n_pairs, L, H)) into the analysis result."""
@@ -515,7 +488,7 @@ class AttentionAnalysis(Analysis):
                 "n_receivers": self.n_receivers, "min_steps": self.min_steps, "n_boot": self.n_boot,
                 "seed": self.seed}
 
-    def trace_metrics(self, lm: Any, trace: Trace, pairs: Sequence[tuple[int, int]], layout: AttnLayout) -> dict:
+    def trace_metrics(self, lm: Any, trace: Trace, pairs: Sequence[tuple[int, int]], layout: DecoderLayout) -> dict:
         mass, block = step_matrices(lm, trace.ids, trace.bounds, chunk=self.chunk, layout=layout)
         lb, dist = lookback_scores(mass, self.p)
         share, base = targeted_shares(mass, pairs)

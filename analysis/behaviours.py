@@ -11,7 +11,7 @@ with their own file (see its header).
     rb.present["verification"], rb.step_counts["hesitation"], rb.step_labels[3]
     stats = behaviour_stats(records, rules)    # per checkpoint: frequency, correlation, examples
 
-Step-level behaviours are regex hits on a step of the thinking (see `analysis.segment`); a
+Step-level behaviours are regex hits on a step of the thinking (see `analysis.steps`); a
 behaviour with `continuation` words also labels the steps that carry it on (the checks that
 follow "Let me verify."). Response-level ones follow a rule:
 
@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from analysis.harness import Analysis, AnalysisContext, register_analysis
-from analysis.segment import Step, segment_steps, think_span
+from analysis.steps import Step, split_steps, think_span
 from train.errors import UserError
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("behaviours.yaml")
@@ -281,7 +281,7 @@ def classify_response(response: str, names: Sequence[str] | None = None,
     rules = rules or default_rules()
     span = think_span(response)
     think = response[span[0]:span[1]]
-    steps = segment_steps(response, span=span)
+    steps = split_steps(response, span=span)
     names = list(names) if names else answer_names(response)
     labels = _continue_blocks(steps, [classify_step(s.text, rules) for s in steps], names, rules)
     answer = _answer_text(response)
@@ -410,7 +410,7 @@ def mean_ci(x: np.ndarray) -> list[float] | None:
 
 @register_analysis
 class BehavioursAnalysis(Analysis):
-    """Behaviour frequencies in the checkpoint's probe-set responses, and how they relate
+    """Behaviour frequencies in the checkpoint's puzzle-set responses, and how they relate
     to correctness."""
 
     name = "behaviours"

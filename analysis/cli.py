@@ -9,19 +9,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from analysis.cache import DEFAULT_ROOT
-from analysis.evaluate import EVAL_SEED, eval_command
-from analysis.harness import GENERATION_OPTIONS, GenerationConfig
+from analysis.evaluate import eval_command
+from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig
 from analysis.seeds import seeds_command
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
-from train.cli import err_console, run_app
+from train.cli import err_console, parse_sets, run_app
 
 app = typer.Typer(help="Checkpoint-by-checkpoint analysis of what RL changed: reports and evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -29,20 +29,16 @@ app.command("eval")(eval_command)
 app.command("seeds")(seeds_command)
 
 
-def _parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
-    """["behaviours.rules=my.yaml", "verify_prob.max_points=16"] -> options per analysis."""
+def analysis_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["behaviours.rules=my.yaml", "verify_prob.max_points=16"] -> options per analysis
+    (`train.cli.parse_sets`)."""
     from analysis.harness import HarnessError
 
     out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
+    for key, value in parse_sets(items):
         name, dot, option = key.partition(".")
-        if not sep or not dot or not name or not option:
-            raise HarnessError(f"bad --set {item!r}: use ANALYSIS.OPTION=VALUE")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
+        if not dot or "." in option:
+            raise HarnessError(f"--set {key}: use ANALYSIS.OPTION=VALUE")
         out.setdefault(name, {})[option] = value
     return out
 
@@ -54,9 +50,7 @@ def report_command(
     out: Path = typer.Option(Path("reports"), help="report folder"),
     cache: Path = typer.Option(DEFAULT_ROOT, help="result cache folder"),
     analyses: Optional[str] = typer.Option(None, help="analyses to run, comma-separated (default: all; see `list`)"),
-    probe_per_size: int = typer.Option(8, min=1, help="probe puzzles per size"),
-    probe_sizes: str = typer.Option("3-7", help="probe puzzle sizes: 3-7 or 3,5,7"),
-    probe_seed: int = typer.Option(EVAL_SEED, help="probe set seed (evaluation's held-out seed by default)"),
+    puzzles: PuzzleSetConfig = PUZZLE_SET_OPTIONS,
     generation: GenerationConfig = GENERATION_OPTIONS,
     behaviours: Optional[Path] = typer.Option(None, help="extra behaviour rules (YAML, extends behaviours.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="analysis option, e.g. verify_prob.max_points=16 (repeatable)"),
@@ -68,25 +62,23 @@ def report_command(
     Results are cached; a rerun computes only what is missing. A checkpoint that cannot be
     analysed is reported in one line and skipped (exit code 1 at the end)."""
     from analysis.cache import ResultCache
-    from analysis.harness import (HarnessConfig, HarnessError, ProbeConfig, analyse_checkpoints, available_analyses,
-                                  checkpoints_cast, get_analysis, load_plugins, open_selection, outcome_display)
+    from analysis.harness import (HarnessConfig, HarnessError, analyse_checkpoints, available_analyses,
+                                  get_analysis, load_plugins, outcome_display)
+    from analysis.selection import checkpoints_cast, open_selection
     from analysis.report import write_reports
-    from train.data import parse_people
 
     reg, checkpoints = open_selection(selection)
     load_plugins(plugin)
     names = [n.strip() for n in analyses.split(",") if n.strip()] if analyses else list(available_analyses())
-    options = _parse_sets(set_)
+    options = analysis_options(set_)
     if behaviours is not None:
         options.setdefault("behaviours", {})["rules"] = str(behaviours)
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise HarnessError(f"--set/--behaviours name analyses not being run: {', '.join(unknown)}")
     chosen = [get_analysis(n, **options.get(n, {})) for n in names]
-    config = HarnessConfig(
-        probe=ProbeConfig(sizes=tuple(parse_people(probe_sizes)), per_size=probe_per_size, seed=probe_seed,
-                          fixed_cast=checkpoints_cast(reg, checkpoints)),
-        generation=generation, device=device, dtype=dtype)
+    config = HarnessConfig(puzzles=replace(puzzles, fixed_cast=checkpoints_cast(reg, checkpoints)),
+                           generation=generation, device=device, dtype=dtype)
 
     with outcome_display(err_console, lambda o: ", ".join(o.computed) if o.computed else "all cached") as (bar, note):
         outcomes = analyse_checkpoints(reg, checkpoints, chosen, cache=ResultCache(cache), config=config,

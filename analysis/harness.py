@@ -7,7 +7,7 @@
 
 For each checkpoint the harness looks up every analysis's result in the `ResultCache` (keyed
 by checkpoint id, analysis name and parameters, which include the weights fingerprint, the
-probe set and, for analyses that read generations, the generation settings). Only when
+puzzle set and, for analyses that read generations, the generation settings). Only when
 something is missing does it load the checkpoint through nnsight, build an
 `AnalysisContext` and run the missing analyses; then it frees the model before the next.
 
@@ -29,15 +29,14 @@ import hashlib
 import importlib
 import json
 import pkgutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import typer
 
-from analysis import selection
 from analysis.cache import ResultCache, weights_fingerprint
-from analysis.evaluate import EVAL_SEED
+from train.evaluate import EVAL_SEED
 from analysis.selection import OptionGroup
 from train.errors import UserError
 from train.kk import Puzzle
@@ -45,7 +44,7 @@ from train.models import ModelLoadError, first_line
 from train.registry import Checkpoint, Registry
 
 PLUGIN_PACKAGES = ("analysis", "probes")
-GENERATIONS = "generations"        # cache name of a checkpoint's probe-set generations
+GENERATIONS = "generations"        # cache name of a checkpoint's puzzle-set generations
 SHARED_CACHE_ID = "_shared"        # cache "checkpoint" for checkpoint-independent results
 
 
@@ -56,8 +55,8 @@ class HarnessError(UserError):
 # --------------------------------------------------------------------------- configuration
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """The fixed probe set: the first `per_size` puzzles of each size of evaluation's held-out
+class PuzzleSetConfig:
+    """The fixed puzzle set: the first `per_size` puzzles of each size of evaluation's held-out
     set (seed reserved for evaluation), so evaluation's kept generations can be reused."""
 
     sizes: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -72,7 +71,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How each checkpoint answers the probe set (greedy by default)."""
+    """How each checkpoint answers the puzzle set (greedy by default)."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -88,82 +87,70 @@ class GenerationConfig:
         return d
 
 
-# The command-line options of `GenerationConfig` (`python -m analysis report`, `python -m probes run`).
+def _default(cls: type, name: str) -> Any:
+    """A dataclass field's default: each default is written once, in its config class."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def size_spec(sizes: Sequence[int]) -> str:
+    """(3, 4, 5) -> "3-5"; (3, 5) -> "3,5" (what `train.data.parse_people` reads back)."""
+    sizes = sorted(sizes)
+    contiguous = len(sizes) > 2 and sizes == list(range(sizes[0], sizes[-1] + 1))
+    return f"{sizes[0]}-{sizes[-1]}" if contiguous else ",".join(map(str, sizes))
+
+
+def _puzzle_set(puzzles_per_size: int, puzzle_sizes: str, puzzle_seed: int) -> PuzzleSetConfig:
+    from train.data import parse_people
+
+    return PuzzleSetConfig(sizes=tuple(parse_people(puzzle_sizes)), per_size=puzzles_per_size, seed=puzzle_seed)
+
+
+# The command-line options of `PuzzleSetConfig` and `GenerationConfig` (`python -m analysis
+# report`, `python -m probes run`), with the config classes' defaults.
+PUZZLE_SET_OPTIONS = OptionGroup(
+    _puzzle_set,
+    puzzles_per_size=(int, typer.Option(_default(PuzzleSetConfig, "per_size"), min=1,
+                                        help="puzzles of the puzzle set per size")),
+    puzzle_sizes=(str, typer.Option(size_spec(_default(PuzzleSetConfig, "sizes")),
+                                    help="puzzle set sizes: 3-7 or 3,5,7")),
+    puzzle_seed=(int, typer.Option(_default(PuzzleSetConfig, "seed"),
+                                   help="puzzle set seed (evaluation's held-out seed by default)")),
+)
 GENERATION_OPTIONS = OptionGroup(
     GenerationConfig,
-    max_new_tokens=(int, typer.Option(512, min=1, help="response length limit of probe generations")),
-    temperature=(float, typer.Option(0.0, min=0.0, help="0 = greedy")),
-    top_p=(float, typer.Option(1.0)),
-    top_k=(int, typer.Option(0, min=0)),
-    prompt_style=(str, typer.Option("chat", help="chat, or raw (pre-filled <think>)")),
-    batch_size=(int, typer.Option(8, min=1, help="generation batch size")),
+    max_new_tokens=(int, typer.Option(_default(GenerationConfig, "max_new_tokens"), min=1,
+                                      help="response length limit of the puzzle-set generations")),
+    temperature=(float, typer.Option(_default(GenerationConfig, "temperature"), min=0.0, help="0 = greedy")),
+    top_p=(float, typer.Option(_default(GenerationConfig, "top_p"))),
+    top_k=(int, typer.Option(_default(GenerationConfig, "top_k"), min=0)),
+    prompt_style=(str, typer.Option(_default(GenerationConfig, "prompt_style"),
+                                    help="chat, or raw (pre-filled <think>)")),
+    batch_size=(int, typer.Option(_default(GenerationConfig, "batch_size"), min=1, help="generation batch size")),
 )
 
 
 @dataclass(frozen=True)
 class HarnessConfig:
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    puzzles: PuzzleSetConfig = field(default_factory=PuzzleSetConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     device: str = "auto"       # auto | cpu | cuda | cuda:1 ...
     dtype: str = "auto"        # auto | float32 | bfloat16 | float16
 
 
-_PROBE_CACHE: dict[ProbeConfig, list[Puzzle]] = {}
+_PUZZLE_SETS: dict[PuzzleSetConfig, list[Puzzle]] = {}
 
 
-def probe_puzzles(config: ProbeConfig = ProbeConfig()) -> list[Puzzle]:
-    """The probe puzzles, ordered by size (deterministic for the config)."""
-    from analysis.evaluate import heldout_puzzles
+def puzzle_set(config: PuzzleSetConfig = PuzzleSetConfig()) -> list[Puzzle]:
+    """The puzzles of the puzzle set, ordered by size (deterministic for the config)."""
+    from train.evaluate import heldout_puzzles
 
-    if config not in _PROBE_CACHE:
-        _PROBE_CACHE[config] = heldout_puzzles(config.sizes, config.per_size, config.seed,
+    if config not in _PUZZLE_SETS:
+        _PUZZLE_SETS[config] = heldout_puzzles(config.sizes, config.per_size, config.seed,
                                                fixed_cast=config.fixed_cast)
-    return list(_PROBE_CACHE[config])
+    return list(_PUZZLE_SETS[config])
 
 
 # --------------------------------------------------------------------------- selection
-
-def parse_steps(spec: str | None) -> tuple[int | None, int | None]:
-    """"lo-hi", "lo-", "-hi" or "n" -> a step range (None = open); see `selection.parse_steps`."""
-    return selection.parse_steps(spec, error=HarnessError)
-
-
-def select_checkpoints(registry: Registry, *, run: str | None = None, stage: str | None = None,
-                       steps: tuple[int | None, int | None] | str | None = None, every: int = 1,
-                       ids: Sequence[str] | str | None = None) -> list[Checkpoint]:
-    """Checkpoints of the registry by run, stage (comma list), step range, every k-th, or ids."""
-    if every < 1:
-        raise HarnessError(f"--every must be at least 1, got {every}")
-    if isinstance(steps, str) or steps is None:
-        steps = parse_steps(steps)
-    return registry.select(run=run, stage=stage, steps=steps, every=every, ids=selection.split_ids(ids))
-
-
-def open_selection(chosen: selection.CheckpointSelection) -> tuple[Registry, list[Checkpoint]]:
-    """The registry the command line's selection options name (it must exist) and the
-    checkpoints they select."""
-    registry = Registry(chosen.registry)
-    if not registry.path.exists():
-        raise HarnessError(f"registry {registry.path} does not exist")
-    return registry, select_checkpoints(registry, run=chosen.run, stage=chosen.stage, steps=chosen.steps,
-                                        every=chosen.every, ids=chosen.ids)
-
-
-def checkpoints_cast(registry: Registry, checkpoints: Sequence[Checkpoint]) -> bool:
-    """The puzzle world of the selected checkpoints: True when they were made for the fixed
-    cast (`train.models.fixed_cast`, e.g. kk-tiny). Folders without a config.json are left to
-    fail on their own; checkpoints of both worlds together are an error."""
-    from train.models import fixed_cast
-
-    paths = {ck.id: registry.resolve(ck) for ck in checkpoints}
-    worlds = {k: fixed_cast(p) for k, p in paths.items() if (p / "config.json").is_file()}
-    if len(set(worlds.values())) > 1:
-        fixed = [k for k, v in worlds.items() if v]
-        other = [k for k, v in worlds.items() if not v]
-        raise HarnessError(f"the selection mixes fixed-cast checkpoints ({fixed[0]}, ...) with others "
-                           f"({other[0]}, ...); select one run")
-    return next(iter(worlds.values()), False)
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -226,8 +213,8 @@ class Analysis:
       title            section heading in reports
       order            position of the section in a report (smaller first)
       version          bump to invalidate cached results after changing `run`
-      uses_probe       the result depends on the probe puzzles (`ctx.probe`)
-      uses_generations the result depends on the probe-set generations (`ctx.generations`)
+      uses_puzzles       the result depends on the puzzles of the puzzle set (`ctx.puzzles`)
+      uses_generations the result depends on the puzzle-set generations (`ctx.generations`)
       uses_model       `run` needs the model (False: it only reads generations)
     """
 
@@ -235,7 +222,7 @@ class Analysis:
     title: ClassVar[str] = ""
     order: ClassVar[int] = 100
     version: ClassVar[int] = 1
-    uses_probe: ClassVar[bool] = True
+    uses_puzzles: ClassVar[bool] = True
     uses_generations: ClassVar[bool] = False
     uses_model: ClassVar[bool] = True
 
@@ -319,7 +306,7 @@ class AnalysisContext:
     path: Path
     model: Any                   # nnsight TransformersModel; None until `require_model()` loads it
     tokenizer: Any               # loaded with the model
-    probe: list[Puzzle]
+    puzzles: list[Puzzle]
     config: HarnessConfig
     cache: ResultCache
     fingerprint: str
@@ -346,18 +333,18 @@ class AnalysisContext:
 
     @property
     def generations(self) -> list[dict]:
-        """One scored record per probe puzzle (see `generation_records`), from the cache,
+        """One scored record per puzzle (see `generation_records`), from the cache,
         from evaluation's kept generations, or generated now (and cached)."""
         if self._generations is None:
             self._generations = load_or_generate(self)
         return self._generations
 
     def prompted_generations(self, records: Sequence[dict] | None = None) -> Iterator[tuple[dict, Puzzle, str]]:
-        """(record, probe puzzle, prompt) for each of `records` (default: all `generations`),
+        """((record, puzzle, prompt)) for each of `records` (default: all `generations`),
         the prompt rendered in the record's own prompt style."""
-        from analysis.generate import render_prompts
+        from train.generate import render_prompts
 
-        by_id = {p.id: p for p in self.probe}
+        by_id = {p.id: p for p in self.puzzles}
         for rec in self.generations if records is None else records:
             p = by_id[rec["puzzle_id"]]
             style = rec.get("prompt_style", self.config.generation.prompt_style)
@@ -370,13 +357,13 @@ class AnalysisContext:
 
 
 def generation_params(ck_fingerprint: str, config: HarnessConfig) -> dict:
-    return {"probe": config.probe.params(), "generation": config.generation.params(),
+    return {"puzzles": config.puzzles.params(), "generation": config.generation.params(),
             "weights": ck_fingerprint}
 
 
 def generation_records(puzzles: Sequence[Puzzle], outs: Sequence[Any], prompt_style: str) -> list[dict]:
     """Score one output per puzzle with the training reward; JSON-able records."""
-    from analysis.generate import prompt_reward_config
+    from train.generate import prompt_reward_config
     from train.reward import score_response
 
     reward = prompt_reward_config(prompt_style)
@@ -395,11 +382,12 @@ def generation_records(puzzles: Sequence[Puzzle], outs: Sequence[Any], prompt_st
 
 def _from_evaluation(ctx: AnalysisContext) -> list[dict] | None:
     """Evaluation's kept generations, when a cached evaluation of these very weights covered
-    the probe puzzles with the same decoding settings (its first sample per puzzle)."""
+    the puzzles of the puzzle set with the same decoding settings (its first sample per puzzle)."""
     from analysis.cache import safe_id
-    from analysis.evaluate import ANALYSIS, EvalConfig, load_generations
+    from analysis.evaluate import ANALYSIS, load_generations
+    from train.evaluate import EvalConfig
 
-    g, probe = ctx.config.generation, ctx.config.probe
+    g, probe = ctx.config.generation, ctx.config.puzzles
     for path in sorted((ctx.cache.root / safe_id(ctx.checkpoint.id)).glob(f"{ANALYSIS}-*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -423,7 +411,7 @@ def _from_evaluation(ctx: AnalysisContext) -> list[dict] | None:
         except (UserError, ValueError):
             continue
         rows = {r["puzzle_id"]: r for r in frame[frame["sample"] == 0].to_dict("records")}
-        if not all(p.id in rows for p in ctx.probe):
+        if not all(p.id in rows for p in ctx.puzzles):
             continue
         return [{
             "puzzle_id": p.id, "people": p.people, "names": list(p.names), "prompt_style": g.prompt_style,
@@ -431,12 +419,12 @@ def _from_evaluation(ctx: AnalysisContext) -> list[dict] | None:
             "finished": bool(rows[p.id]["finished"]), "answer": rows[p.id]["answer"],
             "correct": rows[p.id]["answer"] == "correct", "score": float(rows[p.id]["score"]),
             "format_ok": bool(rows[p.id]["format_ok"]), "source": "evaluation",
-        } for p in ctx.probe]
+        } for p in ctx.puzzles]
     return None
 
 
 def load_or_generate(ctx: AnalysisContext) -> list[dict]:
-    from analysis.generate import generate, render_prompts
+    from train.generate import generate, render_prompts
 
     params = generation_params(ctx.fingerprint, ctx.config)
     hit = ctx.cache.get(ctx.checkpoint.id, GENERATIONS, params)
@@ -446,12 +434,12 @@ def load_or_generate(ctx: AnalysisContext) -> list[dict]:
     if records is None:
         g = ctx.config.generation
         ctx.require_model()
-        prompts = render_prompts(ctx.tokenizer, ctx.probe, g.prompt_style)
+        prompts = render_prompts(ctx.tokenizer, ctx.puzzles, g.prompt_style)
         outs = generate(ctx.hf_model, ctx.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
                         temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, num_samples=1,
                         batch_size=g.batch_size, seed=g.seed,
                         progress=ctx.progress if ctx.progress is not None else False)
-        records = generation_records(ctx.probe, outs, g.prompt_style)
+        records = generation_records(ctx.puzzles, outs, g.prompt_style)
     ctx.cache.put(ctx.checkpoint.id, GENERATIONS, params, records)
     return records
 
@@ -469,8 +457,8 @@ class CheckpointOutcome:
 def analysis_params(analysis: Analysis, fingerprint: str, config: HarnessConfig) -> dict:
     """The cache key parameters of one analysis on one checkpoint."""
     params = {"params": analysis.params(), "version": analysis.version, "weights": fingerprint}
-    if analysis.uses_probe or analysis.uses_generations:
-        params["probe"] = config.probe.params()
+    if analysis.uses_puzzles or analysis.uses_generations:
+        params["puzzles"] = config.puzzles.params()
     if analysis.uses_generations:
         params["generation"] = config.generation.params()
     return params
@@ -498,7 +486,7 @@ def analyse_checkpoint(registry: Registry, ck: Checkpoint, analyses: Sequence[An
         return outcome
 
     ctx = AnalysisContext(checkpoint=ck, path=path, model=None, tokenizer=None,
-                          probe=probe_puzzles(config.probe), config=config, cache=cache,
+                          puzzles=puzzle_set(config.puzzles), config=config, cache=cache,
                           fingerprint=fingerprint, progress=progress, registry=registry,
                           _load=lambda: load_model(path, ckpt_id=ck.id, device=config.device, dtype=config.dtype))
     try:

@@ -28,10 +28,10 @@ probability mass the model puts on CJK tokens at the switch points, against k ra
 neurons drawn with the same count per layer (seeded, several draws).
 
 Contexts, the first that switches to Chinese often enough: the checkpoint's own generations
-of the probe set (greedy by default, which seldom switches); its own responses sampled at
-T=1 (`samples` per probe puzzle, seeded), which carry the switches the model makes in its own
+of the puzzle set (greedy by default, which seldom switches); its own responses sampled at
+T=1 (`samples` per puzzle, seeded), which carry the switches the model makes in its own
 style; else fixed contexts (the same token ids for every checkpoint with this tokenizer):
-each probe puzzle's prompt and a deterministic trace whose lines alternate between English
+each puzzle of the puzzle set's prompt and a deterministic trace whose lines alternate between English
 and Chinese ("假设 Zoey 是骑士。", see `mixed_trace`).
 
 Trend: the overlap (Jaccard) of the per-layer top neurons with the run's base checkpoint
@@ -51,7 +51,8 @@ import numpy as np
 
 from analysis.cache import json_safe
 from analysis.harness import Analysis, AnalysisContext, HarnessError, register_analysis, tokenizer_identity
-from analysis.segment import segment_steps, think_span, token_offsets
+from analysis.steps import split_steps, think_span, token_offsets
+from train.layout import DecoderLayout, decoder_layers, decoder_layout
 from train.kk import Puzzle, evaluate, persons_in
 
 NAME = "neurons"
@@ -151,7 +152,7 @@ def make_context(tokenizer: Any, prompt: str, response: str, names: Sequence[str
     P = len(prompt_ids)
     ids = (list(prompt_ids) + list(resp_ids))[:max_tokens]
     offsets = token_offsets(response, tokenizer)
-    starts = [P + s.tok_start for s in segment_steps(response, offsets=offsets, span=think_span(response))
+    starts = [P + s.tok_start for s in split_steps(response, offsets=offsets, span=think_span(response))
               if P + s.tok_start < len(ids)]
     spans = [m.span() for n in names for m in re.finditer(rf"(?<![A-Za-z]){re.escape(n)}(?![A-Za-z])", response)]
     in_name = [P + i for i, (a, b) in enumerate(offsets)
@@ -186,7 +187,7 @@ def mixed_trace(p: Puzzle) -> str:
 
 def build_fixed_contexts(tokenizer: Any, puzzles: Sequence[Puzzle], prompt_style: str,
                          max_tokens: int = 2048) -> list[dict]:
-    from analysis.generate import render_prompts
+    from train.generate import render_prompts
 
     out = []
     for p, prompt in zip(puzzles, render_prompts(tokenizer, puzzles, prompt_style)):
@@ -240,15 +241,8 @@ def switch_points(ctx: Context, scripts: np.ndarray, match: str = "nearest") -> 
 
 # --------------------------------------------------------------------------- activations
 
-def _mlp_check(hf: Any) -> int:
-    layers = getattr(getattr(hf, "model", None), "layers", None)
-    if layers is None:
-        raise NeuronsError(f"{type(hf).__name__}: neuron analysis needs model.layers (Qwen2/Llama layout)")
-    mlp = layers[0].mlp
-    for part in ("act_fn", "down_proj", "gate_proj", "up_proj"):
-        if not hasattr(mlp, part):
-            raise NeuronsError(f"{type(hf).__name__}: MLP has no {part} (a gated MLP is needed)")
-    return len(layers)
+def _mlp_layout(hf: Any) -> DecoderLayout:
+    return decoder_layout(hf, needs=("mlp",), what="neuron analysis", error=NeuronsError)
 
 
 @dataclass
@@ -274,8 +268,8 @@ def collect_stats(lm: Any, contexts: Sequence[Context], scripts: np.ndarray, pro
     import torch
 
     hf = lm._module
-    L = _mlp_check(hf)
-    I = hf.model.layers[0].mlp.down_proj.in_features
+    layout = _mlp_layout(hf)
+    L, I = layout.n_layers, layout.d_mlp
     device = next(hf.parameters()).device
     st = NeuronStats(np.zeros((L, I)), np.zeros((L, I)), 0, 0, np.zeros((L, I)), [], [])
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
@@ -289,7 +283,7 @@ def collect_stats(lm: Any, contexts: Sequence[Context], scripts: np.ndarray, pro
         pts = torch.tensor(sw[:n_pair] + matched[:n_pair], dtype=torch.long, device=device)
         per_layer = []
         with torch.no_grad(), lm.trace(torch.tensor([c.ids], device=device), use_cache=False, **extra):
-            for layer in lm.model.layers:
+            for layer in decoder_layers(lm):
                 fired = layer.mlp.act_fn.output[0] > 0
                 value = layer.mlp.down_proj.input[0].float()
                 red = torch.cat([fired[en].sum(0, keepdim=True).float(), fired[zh].sum(0, keepdim=True).float(),
@@ -411,7 +405,7 @@ def switch_probability(lm: Any, contexts: Sequence[Context], points: Sequence[Se
         pos = torch.tensor(list(pts), device=device, dtype=torch.long)
         extra = {"logits_to_keep": pos} if has_keep else {}
         with torch.no_grad(), lm.trace(torch.tensor([c.ids], device=device), use_cache=False, **extra):
-            for l, layer in enumerate(lm.model.layers):
+            for l, layer in enumerate(decoder_layers(lm)):
                 if l in plan:
                     ix, v = plan[l]
                     layer.mlp.down_proj.input[0, :, ix] = v
@@ -506,10 +500,10 @@ class NeuronsAnalysis(Analysis):
     # ------------------------------------------------------------------ contexts
     def fixed_contexts(self, ctx: AnalysisContext) -> list[Context]:
         style = ctx.config.generation.prompt_style
-        key = {"tokenizer": tokenizer_identity(ctx.tokenizer), "probe": ctx.config.probe.params(),
+        key = {"tokenizer": tokenizer_identity(ctx.tokenizer), "puzzles": ctx.config.puzzles.params(),
                "prompt_style": style, "max_tokens": self.max_tokens, "template": TEMPLATE_VERSION}
         raw = ctx.shared_get_or_compute("neurons_contexts", key, lambda: build_fixed_contexts(
-            ctx.tokenizer, ctx.probe, style, max_tokens=self.max_tokens))
+            ctx.tokenizer, ctx.puzzles, style, max_tokens=self.max_tokens))
         return [Context(**c) for c in raw]
 
     def own_contexts(self, ctx: AnalysisContext) -> list[Context]:
@@ -517,16 +511,16 @@ class NeuronsAnalysis(Analysis):
                 for rec, p, prompt in ctx.prompted_generations()]
 
     def sampled_contexts(self, ctx: AnalysisContext) -> list[Context]:
-        """The checkpoint's own responses to the probe set at T=1, `samples` per puzzle."""
-        from analysis.generate import generate, render_prompts
+        """The checkpoint's own responses to the puzzle set at T=1, `samples` per puzzle."""
+        from train.generate import generate, render_prompts
 
         gen = ctx.config.generation
-        prompts = render_prompts(ctx.tokenizer, ctx.probe, gen.prompt_style)
+        prompts = render_prompts(ctx.tokenizer, ctx.puzzles, gen.prompt_style)
         outs = generate(ctx.hf_model, ctx.tokenizer, prompts, max_new_tokens=gen.max_new_tokens, temperature=1.0,
                         num_samples=self.samples, batch_size=gen.batch_size, seed=self.seed,
                         progress=ctx.progress or False)
         return [make_context(ctx.tokenizer, prompt, out.text, p.names, key=f"{p.id}#{j}", max_tokens=self.max_tokens)
-                for p, prompt, samples in zip(ctx.probe, prompts, outs) for j, out in enumerate(samples)]
+                for p, prompt, samples in zip(ctx.puzzles, prompts, outs) for j, out in enumerate(samples)]
 
     def _enough(self, contexts: Sequence[Context], scripts: np.ndarray) -> bool:
         counts = [len(switch_points(c, scripts)[0]) for c in contexts]
@@ -564,8 +558,8 @@ class NeuronsAnalysis(Analysis):
     def run(self, ctx: AnalysisContext) -> dict:
         lm = ctx.require_model()
         hf = ctx.hf_model
-        L = _mlp_check(hf)
-        I = hf.model.layers[0].mlp.down_proj.in_features
+        layout = _mlp_layout(hf)
+        L, I = layout.n_layers, layout.d_mlp
         scripts = token_scripts(ctx.tokenizer)
         zh_ids = np.nonzero(scripts[:hf.get_input_embeddings().weight.shape[0]] == ZH)[0].tolist()
         if not zh_ids:
@@ -658,7 +652,7 @@ class NeuronsAnalysis(Analysis):
         refs = references(ctx, self.registry)
         out: dict[str, Any] = {}
         expected = {"params": json.loads(json.dumps(self.params())), "version": self.version,
-                    "probe": ctx.config.probe.params(), "generation": ctx.config.generation.params()}
+                    "puzzles": ctx.config.puzzles.params(), "generation": ctx.config.generation.params()}
         expected = json.loads(json.dumps(expected))
         for label in ("base", "parent"):
             ref = refs[label]
@@ -682,8 +676,8 @@ class NeuronsAnalysis(Analysis):
         def f(x: Any, digits: int = 4) -> str:
             return "–" if x is None else f"{x:.{digits}g}"
 
-        src = {"own": "the checkpoint's own generations of the probe set",
-               "sampled": "the checkpoint's own responses sampled at T=1 (its probe-set generations "
+        src = {"own": "the checkpoint's own generations of the puzzle set",
+               "sampled": "the checkpoint's own responses sampled at T=1 (its puzzle-set generations "
                           "switch to Chinese too rarely)",
                "fixed": "fixed contexts with Chinese steps (its own responses switch to Chinese too rarely)",
                }[result["source"]]

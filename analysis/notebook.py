@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from analysis.cache import ResultCache
-from analysis.harness import (Analysis, CheckpointOutcome, GenerationConfig, HarnessConfig, ProbeConfig,
-                              analyse_checkpoints, checkpoints_cast, get_analysis, select_checkpoints)
+from analysis.harness import (Analysis, CheckpointOutcome, GenerationConfig, HarnessConfig, PuzzleSetConfig,
+                              analyse_checkpoints, get_analysis)
+from analysis.selection import checkpoints_cast, select_checkpoints
 from analysis.report import stage_boundaries, trend_figure, trend_frame
 from train.registry import Registry
 
@@ -63,13 +64,13 @@ class Study:
 
 def run_analysis(name: str, *, registry: str | Path = "ckpts.yaml", run: str | None = None,
                  stage: str | None = None, every: int = 1, cache: str | Path = "reports/cache",
-                 probe_sizes: Sequence[int] = (3, 4, 5, 6, 7), per_size: int = 8,
-                 max_new_tokens: int = 512, options: dict | None = None) -> Study:
+                 puzzle_sizes: Sequence[int] = PuzzleSetConfig.sizes, per_size: int = PuzzleSetConfig.per_size,
+                 max_new_tokens: int = GenerationConfig.max_new_tokens, options: dict | None = None) -> Study:
     """Run one registered analysis over the selected checkpoints (a rerun reads the cache)."""
     reg = Registry(registry)
     analysis = get_analysis(name, **(options or {}))
     cks = select_checkpoints(reg, run=run, stage=stage, every=every)
-    config = HarnessConfig(probe=ProbeConfig(sizes=tuple(probe_sizes), per_size=per_size,
+    config = HarnessConfig(puzzles=PuzzleSetConfig(sizes=tuple(puzzle_sizes), per_size=per_size,
                                              fixed_cast=checkpoints_cast(reg, cks)),
                            generation=GenerationConfig(max_new_tokens=max_new_tokens))
     outcomes = analyse_checkpoints(reg, cks, [analysis], cache=ResultCache(cache), config=config)

@@ -241,10 +241,13 @@ def index_report(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analy
     headline = (evaluated + [m for m in metrics if m != EVAL_METRIC])[:7]
 
     def cell(ck_id: str, metric: str) -> str:
-        if wide is None or ck_id not in wide.index or ("value", metric) not in wide.columns:
-            return "–"
-        value, lo, hi = (wide.loc[ck_id, (k, metric)] for k in ("value", "lo", "hi"))
-        if value is None or math.isnan(value):
+        def get(kind: str) -> float:
+            if wide is None or ck_id not in wide.index or (kind, metric) not in wide.columns:
+                return math.nan
+            return float(wide.loc[ck_id, (kind, metric)])
+
+        value, lo, hi = get("value"), get("lo"), get("hi")
+        if math.isnan(value):
             return "–"
         return _fmt(value) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if not (math.isnan(lo) or math.isnan(hi)) else "")
 

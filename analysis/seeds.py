@@ -24,7 +24,8 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from analysis.cache import DEFAULT_ROOT, ResultCache, atomic_write_text, json_safe
-from analysis.evaluate import EvalError, evaluate_checkpoint, eval_puzzles, load_generations, make_config
+from analysis.evaluate import evaluate_checkpoint, load_generations
+from train.evaluate import EvalError, eval_puzzles, make_config
 from train.errors import UserError
 from train.registry import Checkpoint, Registry, parse_seeds, seed_run
 

@@ -7,7 +7,7 @@ A command takes a group of shared options as one parameter whose default is the 
     @app.command("report")
     @with_option_groups
     def report_command(selection: CheckpointSelection = SELECTION_OPTIONS, out: Path = ...):
-        reg, checkpoints = open_selection(selection)      # analysis.harness
+        reg, checkpoints = open_selection(selection)
 
 `with_option_groups` puts the group's options where that parameter stands (same names,
 defaults and help in every command) and passes the command their values as one object.
@@ -24,6 +24,11 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 from train.errors import UserError
+from train.registry import Checkpoint, Registry
+
+
+class SelectionError(UserError):
+    """Bad checkpoint-selection input; one line."""
 
 
 class OptionGroup:
@@ -102,3 +107,40 @@ def split_ids(ids: str | Sequence[str] | None) -> list[str] | None:
     if isinstance(ids, str):
         ids = [i.strip() for i in ids.split(",") if i.strip()]
     return list(ids) if ids else None
+
+
+def select_checkpoints(registry: Registry, *, run: str | None = None, stage: str | None = None,
+                       steps: tuple[int | None, int | None] | str | None = None, every: int = 1,
+                       ids: Sequence[str] | str | None = None) -> list[Checkpoint]:
+    """Checkpoints of the registry by run, stage (comma list), step range, every k-th, or ids."""
+    if every < 1:
+        raise SelectionError(f"--every must be at least 1, got {every}")
+    if isinstance(steps, str) or steps is None:
+        steps = parse_steps(steps, error=SelectionError)
+    return registry.select(run=run, stage=stage, steps=steps, every=every, ids=split_ids(ids))
+
+
+def open_selection(chosen: CheckpointSelection) -> tuple[Registry, list[Checkpoint]]:
+    """The registry the command line's selection options name (it must exist) and the
+    checkpoints they select."""
+    registry = Registry(chosen.registry)
+    if not registry.path.exists():
+        raise SelectionError(f"registry {registry.path} does not exist")
+    return registry, select_checkpoints(registry, run=chosen.run, stage=chosen.stage, steps=chosen.steps,
+                                        every=chosen.every, ids=chosen.ids)
+
+
+def checkpoints_cast(registry: Registry, checkpoints: Sequence[Checkpoint]) -> bool:
+    """The puzzle world of the selected checkpoints: True when they were made for the fixed
+    cast (`train.models.fixed_cast`, e.g. kk-tiny). Folders without a config.json are left to
+    fail on their own; checkpoints of both worlds together are an error."""
+    from train.models import fixed_cast
+
+    paths = {ck.id: registry.resolve(ck) for ck in checkpoints}
+    worlds = {k: fixed_cast(p) for k, p in paths.items() if (p / "config.json").is_file()}
+    if len(set(worlds.values())) > 1:
+        fixed = [k for k, v in worlds.items() if v]
+        other = [k for k, v in worlds.items() if not v]
+        raise SelectionError(f"the selection mixes fixed-cast checkpoints ({fixed[0]}, ...) with others "
+                           f"({other[0]}, ...); select one run")
+    return next(iter(worlds.values()), False)

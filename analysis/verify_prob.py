@@ -2,7 +2,7 @@
 
 Decision points of a response (token positions whose next token the model chooses):
 
-* step_start:        the position before a step's first token (see `analysis.segment`),
+* step_start:        the position before a step's first token (see `analysis.steps`),
 * before_think_end:  the position before `</think>`: verify once more, or stop thinking,
 * after_conclusion:  right after an "X is a knight/knave" conclusion (with its full stop).
 
@@ -18,10 +18,10 @@ decoder layer's residual output; at the last layer this is exactly the model's l
 
 Two kinds of contexts:
 
-* fixed: the same token ids for every checkpoint, built from the probe puzzles and a
+* fixed: the same token ids for every checkpoint, built from the puzzles of the puzzle set and a
   canonical trace template and cached once per tokenizer identity, so differences between
   checkpoints are differences of the model alone;
-* own: each checkpoint's own probe-set generations (prompt ids + the response text
+* own: each checkpoint's own puzzle-set generations (prompt ids + the response text
   re-tokenized, so that steps map to tokens through the offset mapping).
 
 Values are averaged per puzzle; 95% intervals are percentile bootstraps over puzzles.
@@ -39,8 +39,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.harness import Analysis, AnalysisContext, HarnessError, register_analysis, tokenizer_identity
-from analysis.segment import segment_steps, think_span, token_offsets
+from analysis.steps import split_steps, think_span, token_offsets
 from train.kk import Puzzle, evaluate, statement_text
+from train.layout import decoder_layers, decoder_layout, final_norm, unembedding
 
 KINDS = ("step_start", "before_think_end", "after_conclusion")
 VERIFY_CUES = ("verify", "Verify", "check", "Check", "recheck", "Recheck", "double-check", "Double-check",
@@ -155,7 +156,7 @@ def decision_points(prompt_ids: Sequence[int], response: str, tokenizer: Any, *,
         return bisect.bisect_right(ends, char)
 
     kinds: dict[int, set[str]] = defaultdict(set)
-    for st in segment_steps(response, offsets=offsets, span=span):
+    for st in split_steps(response, offsets=offsets, span=span):
         kinds[P + st.tok_start - 1].add("step_start")
     close = response.find("</think>", span[0])
     if close >= 0:
@@ -197,7 +198,7 @@ def fixed_response(p: Puzzle, prompt: str) -> str:
 def build_fixed_contexts(tokenizer: Any, puzzles: Sequence[Puzzle], prompt_style: str, *,
                          max_points: int = 48, max_tokens: int = 4096) -> list[dict]:
     """Fixed contexts as JSON-able records: puzzle id, token ids, decision points."""
-    from analysis.generate import render_prompts
+    from train.generate import render_prompts
 
     prompts = render_prompts(tokenizer, puzzles, prompt_style)
     out = []
@@ -211,16 +212,6 @@ def build_fixed_contexts(tokenizer: Any, puzzles: Sequence[Puzzle], prompt_style
 
 
 # --------------------------------------------------------------------------- model readout
-
-def _final_norm_and_head(hf: Any) -> tuple[Any, Any]:
-    base = getattr(hf, "model", None)
-    norm = getattr(base, "norm", None)
-    head = hf.get_output_embeddings()
-    if norm is None or head is None or not hasattr(base, "layers"):
-        raise VerifyProbError(f"{type(hf).__name__}: the logit lens needs a decoder with "
-                              "model.layers, model.norm and an output embedding (Llama/Qwen layout)")
-    return norm, head
-
 
 @dataclass
 class LensReadout:
@@ -236,7 +227,8 @@ def logit_lens(lm: Any, ids: Sequence[int], positions: Sequence[int], sets: dict
     import torch
 
     hf = lm._module
-    norm, head = _final_norm_and_head(hf)
+    decoder_layout(hf, needs=("final_norm", "unembedding"), what="the logit lens", error=VerifyProbError)
+    norm, head = final_norm(hf), unembedding(hf)
     device = next(hf.parameters()).device
     x = torch.tensor([list(ids)], device=device)
     pos = torch.tensor(list(positions), device=device, dtype=torch.long)
@@ -245,7 +237,7 @@ def logit_lens(lm: Any, ids: Sequence[int], positions: Sequence[int], sets: dict
     extra = {"logits_to_keep": pos} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
     # Modules must be read in forward order; a decoder layer's .output is the hidden state.
     with torch.no_grad(), lm.trace(x, use_cache=keep_cache, **extra):
-        for layer in lm.model.layers:
+        for layer in decoder_layers(lm):
             resid.append(layer.output[0, pos].save())
         out = lm.output.save()
     masses = {name: np.zeros((len(resid), len(pos))) for name in sets}
@@ -410,12 +402,12 @@ class VerifyProbAnalysis(Analysis):
     def fixed_contexts(self, ctx: AnalysisContext) -> list[dict]:
         """Token ids shared by every checkpoint with this tokenizer (cached once)."""
         style = ctx.config.generation.prompt_style
-        key = {"tokenizer": tokenizer_identity(ctx.tokenizer), "probe": ctx.config.probe.params(),
+        key = {"tokenizer": tokenizer_identity(ctx.tokenizer), "puzzles": ctx.config.puzzles.params(),
                "prompt_style": style, "max_points": self.max_points, "max_tokens": self.max_tokens,
                "template": TEMPLATE_VERSION}
         return ctx.shared_get_or_compute(
             "verify_prob_contexts", key,
-            lambda: build_fixed_contexts(ctx.tokenizer, ctx.probe, style,
+            lambda: build_fixed_contexts(ctx.tokenizer, ctx.puzzles, style,
                                          max_points=self.max_points, max_tokens=self.max_tokens))
 
     def own_contexts(self, ctx: AnalysisContext) -> list[dict]:
@@ -449,7 +441,7 @@ class VerifyProbAnalysis(Analysis):
         if not sets["verify"]:
             raise VerifyProbError(f"{ctx.checkpoint.id}: no verify cue has a usable first token in this vocabulary")
         result: dict[str, Any] = {
-            "n_layers": len(ctx.hf_model.model.layers),
+            "n_layers": decoder_layout(ctx.hf_model).n_layers,
             "verify_tokens": [ctx.tokenizer.decode([i]) for i in sets["verify"]],
             "control_tokens": [ctx.tokenizer.decode([i]) for i in sets["control"]],
             "phrases": list(PHRASES),

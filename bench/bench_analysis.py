@@ -97,7 +97,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from analysis.evaluate import heldout_puzzles
+    from train.evaluate import heldout_puzzles
     from analysis.harness import load_model
     from analysis.verify_prob import (PHRASES, DecisionPoint, VerifyProbAnalysis, build_fixed_contexts, logit_lens,
                                       score_context, token_sets)

@@ -34,12 +34,12 @@ def make_trace(tokenizer, n_tokens: int):
     """A chat prompt for a 7-person probe puzzle and a canonical trace (English steps with
     Chinese ones mixed in), repeated until the sequence holds `n_tokens` tokens."""
     from analysis.attention import encode_trace
-    from analysis.generate import render_prompts
-    from analysis.harness import ProbeConfig, probe_puzzles
+    from train.generate import render_prompts
+    from analysis.harness import PuzzleSetConfig, puzzle_set
     from analysis.neurons import mixed_trace
     from analysis.verify_prob import canonical_trace
 
-    p = probe_puzzles(ProbeConfig(sizes=(7,), per_size=1))[0]
+    p = puzzle_set(PuzzleSetConfig(sizes=(7,), per_size=1))[0]
     prompt = render_prompts(tokenizer, [p], "chat")[0]
     body = canonical_trace(p) + "\n" + mixed_trace(p)
     response = "<think>" + body

@@ -1,4 +1,4 @@
-"""Generation throughput of `analysis.generate.generate` (batched) against a plain per-prompt
+"""Generation throughput of `train.generate.generate` (batched) against a plain per-prompt
 `model.generate` loop, on the same prompts in the same run.
 
     python bench/bench_eval.py [--prompts 32] [--max-new-tokens 64] [--batch-size 16] [--threads 1]
@@ -50,8 +50,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from analysis.evaluate import heldout_puzzles
-    from analysis.generate import generate, render_prompts, stop_token_ids
+    from train.evaluate import heldout_puzzles
+    from train.generate import generate, render_prompts, stop_token_ids
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +107,7 @@ def main() -> None:
     n_loop = sum(len(x) for x in ids_loop)
     same = sum(a == b for a, b in zip(ids_batch, ids_loop))
     rate_batch, rate_loop = n_batch / t_batch, n_loop / t_loop
-    print(f"analysis.generate.generate (batch {args.batch_size}): {n_batch} tokens in {t_batch:.2f} s = {rate_batch:,.0f} tok/s")
+    print(f"train.generate.generate (batch {args.batch_size}): {n_batch} tokens in {t_batch:.2f} s = {rate_batch:,.0f} tok/s")
     print(f"per-prompt model.generate loop:        {n_loop} tokens in {t_loop:.2f} s = {rate_loop:,.0f} tok/s")
     print(f"ratio batched / loop: {rate_batch / rate_loop:.2f}x; identical tokens on {same}/{len(prompts)} prompts")
 

@@ -13,14 +13,14 @@ fits) is cached under --cache and shared with `python -m analysis report`.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from analysis.cache import DEFAULT_ROOT
-from analysis.evaluate import EVAL_SEED
-from analysis.harness import GENERATION_OPTIONS, GenerationConfig
+from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig, size_spec
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
 from train.cli import err_console, run_app
 
@@ -40,9 +40,7 @@ def run_command(
     targets: list[str] = typer.Option([], help="probe targets, comma-separated or repeated (default: all)"),
     out: Path = typer.Option(Path("reports/probes"), help="output folder"),
     cache: Path = typer.Option(DEFAULT_ROOT, help="result cache folder"),
-    per_size: int = typer.Option(8, min=1, help="probe puzzles per size"),
-    sizes: str = typer.Option("3-7", help="probe puzzle sizes: 3-7 or 3,5,7"),
-    probe_seed: int = typer.Option(EVAL_SEED, help="probe set seed (evaluation's held-out seed by default)"),
+    puzzles: PuzzleSetConfig = PUZZLE_SET_OPTIONS,
     generation: GenerationConfig = GENERATION_OPTIONS,
     max_points: int = typer.Option(48, min=1, help="decision points per response"),
     at: str = typer.Option("all", help="kinds of decision point probed, comma-separated: step_start, "
@@ -62,24 +60,21 @@ def run_command(
     """Probe every layer of the selected checkpoints and compare them. A checkpoint that cannot
     be analysed is reported in one line and skipped (exit code 1 at the end)."""
     from analysis.cache import ResultCache, weights_fingerprint
-    from analysis.harness import (HarnessConfig, ProbeConfig, analyse_checkpoints, checkpoints_cast, open_selection,
-                                  outcome_display, probe_puzzles)
+    from analysis.harness import HarnessConfig, analyse_checkpoints, outcome_display, puzzle_set
+    from analysis.selection import checkpoints_cast, open_selection
     from probes.compare import ComparisonEntry, write_comparison
     from probes.features import features_params, load_features
     from probes.fit import puzzle_fold_map
     from probes.plugin import ProbesAnalysis
     from probes.targets import TARGETS
-    from train.data import parse_people
 
     reg, checkpoints = open_selection(selection)
     chosen = [t for item in targets for t in item.split(",")] or list(TARGETS)
     analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,
                               n_permutations=permutations, seed=seed, Cs=cs, control_draws=control_draws,
                               at=at)
-    config = HarnessConfig(
-        probe=ProbeConfig(sizes=tuple(parse_people(sizes)), per_size=per_size, seed=probe_seed,
-                          fixed_cast=checkpoints_cast(reg, checkpoints)),
-        generation=generation, device=device, dtype=dtype)
+    config = HarnessConfig(puzzles=replace(puzzles, fixed_cast=checkpoints_cast(reg, checkpoints)),
+                           generation=generation, device=device, dtype=dtype)
     results_cache = ResultCache(cache)
 
     with outcome_display(err_console, lambda o: "probed" if o.computed else "cached") as (bar, note):
@@ -99,11 +94,12 @@ def run_command(
             probe_dir = results_cache.root / result["probe_dir"] if result.get("probe_dir") else None
             entries.append(ComparisonEntry(checkpoint=o.checkpoint.id, step=o.checkpoint.global_step,
                                            result=result, features=fs, probe_dir=probe_dir))
-        puzzles = probe_puzzles(config.probe)
-        fold_map = puzzle_fold_map([p.id for p in puzzles], [p.people for p in puzzles], folds, seed)
+        ordered = puzzle_set(config.puzzles)
+        fold_map = puzzle_fold_map([p.id for p in ordered], [p.people for p in ordered], folds, seed)
         task = bar.add_task("comparing", total=None)
         files = write_comparison(entries, out, targets=analysis.targets, fold_map=fold_map, config=analysis.fit,
-                                 layer=layer, header=f"Probe set: sizes {sizes}, {per_size} per size (seed {probe_seed}); "
+                                 layer=layer, header=f"Puzzle set: sizes {size_spec(puzzles.sizes)}, {puzzles.per_size} per size "
+                                 f"(seed {puzzles.seed}); "
                                  f"{'greedy' if generation.temperature == 0 else f'T={generation.temperature}'} "
                                  f"generations of up to {generation.max_new_tokens} tokens; probed at: {', '.join(analysis.at)}.",
                                  progress=lambda d: bar.update(task, description=d))

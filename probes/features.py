@@ -1,6 +1,6 @@
 """Residual-stream features at the decision points of a checkpoint's own generations.
 
-For each probe puzzle the prompt and the checkpoint's response are put back through the
+For each puzzle of the puzzle set the prompt and the checkpoint's response are put back through the
 model (nnsight traces over right-padded batches of responses) and the residual stream is read at the response's
 decision points (`analysis.verify_prob.decision_points`: step starts, the position before
 `</think>`, right after "X is a knight/knave" conclusions) that lie before the final answer
@@ -27,8 +27,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from analysis.harness import HarnessError
-from analysis.segment import token_offsets
+from analysis.steps import token_offsets
 from analysis.verify_prob import decision_points, thin
+from train.layout import decoder_layers, decoder_layout, embedding
 from probes.targets import answer_start
 
 FEATURES = "probe_features"      # cache name of the features
@@ -135,11 +136,8 @@ def probe_positions(prompt_ids: Sequence[int], response: str, tokenizer: Any, *,
 # --------------------------------------------------------------------------- residuals
 
 def _layout(lm: Any) -> tuple[Any, Any]:
-    base = getattr(lm, "model", None)
-    if base is None or not hasattr(base, "embed_tokens") or not hasattr(base, "layers"):
-        raise FeatureError(f"{type(lm._module).__name__}: residual features need a decoder with "
-                           "model.embed_tokens and model.layers (Llama/Qwen layout)")
-    return base.embed_tokens, base.layers
+    decoder_layout(lm, needs=("embedding",), what="residual features", error=FeatureError)
+    return embedding(lm), decoder_layers(lm)
 
 
 def read_residuals(lm: Any, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
@@ -202,7 +200,7 @@ def extract_features(lm: Any, tokenizer: Any, puzzles: Sequence[Any], generation
     forward passes are batched (`batch_tokens` padded tokens, at most `max_batch` sequences)."""
     import pandas as pd
 
-    from analysis.generate import render_prompts
+    from train.generate import render_prompts
 
     by_id = {p.id: p for p in puzzles}
     contexts, points = [], []
@@ -249,7 +247,7 @@ def _shape(lm: Any) -> tuple[int, int]:
 # --------------------------------------------------------------------------- cache
 
 def features_params(fingerprint: str, config: Any, *, max_points: int, max_tokens: int) -> dict:
-    """Cache key of a checkpoint's features (weights, probe set, generation settings, positions)."""
+    """Cache key of a checkpoint's features (weights, puzzle set, generation settings, positions)."""
     from analysis.harness import generation_params
 
     return {**generation_params(fingerprint, config), "max_points": int(max_points),
@@ -301,7 +299,7 @@ def features_for(ctx: Any, *, max_points: int = 48, max_tokens: int = 4096) -> F
         return fs
     generations = ctx.generations
     lm = ctx.require_model()
-    fs = extract_features(lm, ctx.tokenizer, ctx.probe, generations, prompt_style=ctx.config.generation.prompt_style,
+    fs = extract_features(lm, ctx.tokenizer, ctx.puzzles, generations, prompt_style=ctx.config.generation.prompt_style,
                           max_points=max_points, max_tokens=max_tokens, checkpoint=ctx.checkpoint.id,
                           progress=ctx.progress)
     save_features(ctx.cache, ctx.checkpoint.id, params, fs)

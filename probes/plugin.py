@@ -1,7 +1,7 @@
 """The "probes" analysis: linear probes per layer and target, as a harness plug-in.
 
 Per checkpoint it extracts (or reads from the cache) the residual features of its own
-probe-set generations (`probes.features`), labels them (`probes.targets`), and for each
+puzzle-set generations (`probes.features`), labels them (`probes.targets`), and for each
 target cross-validates a probe at every layer with the control task, the permutation test and
 the baselines (`probes.fit`). Probes refitted on all rows (C: the geometric median of the
 folds' choices) are saved next to the cached result (`<cache>/<checkpoint>/probes-<hash>.probes/<target>/layer-XX.{npz,json}`).
@@ -77,7 +77,7 @@ class ProbesAnalysis(Analysis):
     # ------------------------------------------------------------------ run
     def run(self, ctx: AnalysisContext) -> dict:
         fs = features_for(ctx, max_points=self.max_points, max_tokens=self.max_tokens)
-        fold_map = puzzle_fold_map([p.id for p in ctx.probe], [p.people for p in ctx.probe],
+        fold_map = puzzle_fold_map([p.id for p in ctx.puzzles], [p.people for p in ctx.puzzles],
                                    self.fit.n_splits, self.fit.seed)
         result: dict[str, Any] = {
             "checkpoint": ctx.checkpoint.id, "n_layers": fs.n_layers, "hidden": int(fs.X.shape[2]),

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from analysis.segment import think_span
+from analysis.steps import think_span
 from analysis.verify_prob import KINDS
 from train.errors import UserError
 
@@ -124,7 +124,7 @@ def answer_correct(record: Mapping[str, Any], solution_text: str | None = None) 
         return record["answer"] == "correct"
     if solution_text is None:
         raise TargetError("answer_correct needs the record's 'answer' or the puzzle's solution text")
-    from analysis.generate import prompt_reward_config
+    from train.generate import prompt_reward_config
     from train.reward import score_response
 
     style = record.get("prompt_style", "chat")

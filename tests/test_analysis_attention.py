@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import analysis.attention as att
+from train.layout import DecoderLayout
 from analysis.attention import (AttentionAnalysis, AttentionError, asserts_role, attention_layout, attention_probs, encode_trace,
                                 lookback_scores, receiver_kurtosis, reduce_probs, role_assertion_pattern,
                                 rotary_tables,
                                 step_matrices, step_reduction, targeted_shares, verification_targets)
 from analysis.cache import ResultCache
-from analysis.harness import (AnalysisContext, GenerationConfig, HarnessConfig, ProbeConfig, load_model,
-                              probe_puzzles)
+from analysis.harness import (AnalysisContext, GenerationConfig, HarnessConfig, PuzzleSetConfig, load_model,
+                              puzzle_set)
 from train.registry import Checkpoint
 
 
@@ -140,7 +141,8 @@ def test_step_reduction_equals_brute_force(tiny_llama, bounds, chunk):
 def test_reduction_never_materialises_a_full_matrix(monkeypatch):
     """The pure function works from q, k alone, in query chunks: no T x T probabilities."""
     H, Hkv, D, T, chunk = 4, 2, 16, 1024, 64
-    layout = att.AttnLayout(n_layers=1, n_heads=H, n_kv_heads=Hkv, head_dim=D, scaling=D ** -0.5)
+    layout = DecoderLayout(n_layers=1, d_model=H * D, n_heads=H, n_kv_heads=Hkv, d_head=D, d_mlp=None,
+                           attn_scale=D ** -0.5)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(T, H * D, generator=g), torch.randn(T, Hkv * D, generator=g)
     pos = torch.arange(T, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, D, 2) / D)[None]
@@ -198,9 +200,9 @@ def test_verification_targets_and_role_assertions():
     assert not asserts_role("Ethan", "Zoey says Ethan is a knave, which is true.")
     assert not asserts_role("Ethan", "Zoey 说 Ethan 是骗子，这是真的。")
     assert asserts_role("Mia", "假设 Mia 是骑士。") and role_assertion_pattern("Mia").search("Mia是骗子")
-    from analysis.segment import segment_steps, think_span
+    from analysis.steps import split_steps, think_span
 
-    steps = segment_steps(text, span=think_span(text))
+    steps = split_steps(text, span=think_span(text))
     pairs = verification_targets(text, steps, ["Zoey", "Ethan", "Mia"])
     texts = [(steps[v].text, steps[t].text) for v, t in pairs]
     assert ("Ethan says Zoey is a knight, which is false.", "So Ethan is a knave.") in texts
@@ -226,13 +228,13 @@ TRACE = ("<think>\nAssume {a} is a knight. {a} says {b} is a knave, which is tru
 
 
 def test_plugin_on_fixed_generations(tiny_llama, tmp_path):
-    cfg = HarnessConfig(probe=ProbeConfig(sizes=(3, 4), per_size=2), generation=GenerationConfig(max_new_tokens=8))
-    probe = probe_puzzles(cfg.probe)
+    cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3, 4), per_size=2), generation=GenerationConfig(max_new_tokens=8))
+    probe = puzzle_set(cfg.puzzles)
     lm, tok = load_model(tiny_llama)
     gens = [{"puzzle_id": p.id, "people": p.people, "names": list(p.names), "prompt_style": "chat",
              "text": TRACE.format(a=p.names[0], b=p.names[1]), "correct": True} for p in probe]
     ck = Checkpoint(id="t/llama", path=str(tiny_llama))
-    ctx = AnalysisContext(checkpoint=ck, path=Path(tiny_llama), model=lm, tokenizer=tok, probe=probe, config=cfg,
+    ctx = AnalysisContext(checkpoint=ck, path=Path(tiny_llama), model=lm, tokenizer=tok, puzzles=probe, config=cfg,
                           cache=ResultCache(tmp_path / "cache"), fingerprint="x", _generations=gens)
     a = AttentionAnalysis(p=1, n_boot=200)
     res = a.run(ctx)

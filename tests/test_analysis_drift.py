@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from analysis.cache import ResultCache
 from analysis.drift import (DriftError, effective_rank, lineage, split_name, tensor_drift,
                             weight_drift)
-from analysis.harness import HarnessConfig, ProbeConfig, analyse_checkpoints, get_analysis
+from analysis.harness import HarnessConfig, PuzzleSetConfig, analyse_checkpoints, get_analysis
 from train.registry import Checkpoint, Registry
 
 TARGET = "model.layers.1.mlp.up_proj.weight"
@@ -116,7 +116,7 @@ def test_drift_plugin_against_base_and_previous(tmp_path, tiny_ckpt):
     a = get_analysis("drift")
     assert a.uses_model is False and a.uses_generations is False
     cks = reg.select(run="r")
-    cfg = HarnessConfig(probe=ProbeConfig(sizes=(3,), per_size=1))
+    cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3,), per_size=1))
     outcomes = analyse_checkpoints(reg, cks, [a], cache=ResultCache(tmp_path / "cache"), config=cfg)
     assert [o.error for o in outcomes] == [None] * 3
     res = {o.checkpoint.id: o.results["drift"] for o in outcomes}

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import analysis.generate as generate_mod
+import train.generate as generate_mod
 from analysis import harness
 from analysis.behaviours import BehavioursAnalysis
 from analysis.cache import ResultCache, safe_id
-from analysis.harness import (Analysis, AnalysisContext, GenerationConfig, HarnessConfig, HarnessError, ProbeConfig,
-                              analyse_checkpoints, get_analysis, load_model, parse_steps, probe_puzzles,
-                              select_checkpoints, tokenizer_identity)
+from analysis.harness import (Analysis, AnalysisContext, GenerationConfig, HarnessConfig, HarnessError, PuzzleSetConfig,
+                              analyse_checkpoints, get_analysis, load_model, puzzle_set,
+                              tokenizer_identity)
+from analysis.selection import parse_steps, select_checkpoints
 from analysis.verify_prob import (DecisionPoint, VerifyProbAnalysis, bootstrap_ci, build_fixed_contexts,
                                   decision_points, logit_lens, phrase_logprobs, token_sets)
 from tests.conftest import REPO
@@ -28,7 +29,7 @@ from train.registry import Checkpoint, Registry
 
 A_ID, B_ID = "tiny/stage1/step-000010", "tiny/stage2/step-000020"
 # Sampling makes the random models write words, so their own generations have decision points.
-SMALL = HarnessConfig(probe=ProbeConfig(sizes=(3, 4), per_size=2),
+SMALL = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3, 4), per_size=2),
                       generation=GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3))
 
 
@@ -87,7 +88,7 @@ def context_for(reg: Registry, ck_id: str, cache: ResultCache, config: HarnessCo
     ck = reg.get(ck_id)
     path = reg.resolve(ck)
     lm, tok = load_model(path, ckpt_id=ck.id)
-    return AnalysisContext(checkpoint=ck, path=path, model=lm, tokenizer=tok, probe=probe_puzzles(config.probe),
+    return AnalysisContext(checkpoint=ck, path=path, model=lm, tokenizer=tok, puzzles=puzzle_set(config.puzzles),
                            config=config, cache=cache, fingerprint=harness.weights_fingerprint(path))
 
 
@@ -119,11 +120,11 @@ def test_parse_steps():
 
 
 def test_probe_set_is_fixed_and_the_head_of_evaluations_heldout_set():
-    from analysis.evaluate import EVAL_SEED, heldout_puzzles
+    from train.evaluate import EVAL_SEED, heldout_puzzles
 
-    probe = probe_puzzles(ProbeConfig(sizes=(3, 5), per_size=3))
+    probe = puzzle_set(PuzzleSetConfig(sizes=(3, 5), per_size=3))
     assert [p.people for p in probe] == [3, 3, 3, 5, 5, 5]
-    assert [p.id for p in probe] == [p.id for p in probe_puzzles(ProbeConfig(sizes=(3, 5), per_size=3))]
+    assert [p.id for p in probe] == [p.id for p in puzzle_set(PuzzleSetConfig(sizes=(3, 5), per_size=3))]
     full = heldout_puzzles([3, 5], 10, EVAL_SEED)
     assert [p.id for p in probe] == [p.id for p in full[:3] + full[10:13]]
 
@@ -163,7 +164,7 @@ def test_generations_are_keyed_by_decoding_settings(reg, tmp_path, counters):
     cache = ResultCache(tmp_path / "cache")
     cks = select_checkpoints(reg, ids=A_ID)
     analyse_checkpoints(reg, cks, [Counting()], cache=cache, config=SMALL)
-    longer = HarnessConfig(probe=SMALL.probe, generation=GenerationConfig(max_new_tokens=30, temperature=1.0, seed=3))
+    longer = HarnessConfig(puzzles=SMALL.puzzles, generation=GenerationConfig(max_new_tokens=30, temperature=1.0, seed=3))
     analyse_checkpoints(reg, cks, [Counting()], cache=cache, config=longer)
     assert counters["generate"] == 2 and Counting.calls == 2
 
@@ -184,19 +185,20 @@ def test_model_is_freed_after_each_checkpoint(reg, tmp_path, monkeypatch):
 
 
 def test_evaluation_generations_are_reused(reg, tmp_path, counters):
-    from analysis.evaluate import EvalConfig, evaluate_checkpoint
+    from analysis.evaluate import evaluate_checkpoint
+    from train.evaluate import EvalConfig
 
     cache = ResultCache(tmp_path / "cache")
     ck = reg.get(A_ID)
     evaluate_checkpoint(reg, ck, EvalConfig(people=[3, 4], n_per_size=3, max_new_tokens=16), cache, progress=False)
     assert counters["generate"] == 1
-    config = HarnessConfig(probe=ProbeConfig(sizes=(3, 4), per_size=2), generation=GenerationConfig(max_new_tokens=16))
+    config = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3, 4), per_size=2), generation=GenerationConfig(max_new_tokens=16))
     (out,) = analyse_checkpoints(reg, [ck], [BehavioursAnalysis()], cache=cache, config=config)
     assert out.error is None and counters["generate"] == 1
     key = harness.generation_params(harness.weights_fingerprint(reg.resolve(ck)), config)
     gens = cache.get(A_ID, harness.GENERATIONS, key)
     assert [g["source"] for g in gens] == ["evaluation"] * 4
-    assert [g["puzzle_id"] for g in gens] == [p.id for p in probe_puzzles(config.probe)]
+    assert [g["puzzle_id"] for g in gens] == [p.id for p in puzzle_set(config.puzzles)]
 
 
 # --------------------------------------------------------------------------- bad checkpoints
@@ -242,8 +244,8 @@ def test_cli_reports_bad_checkpoints_and_exits_1(bad_registry, tmp_path):
 
     result = CliRunner().invoke(app, ["report", "--registry", str(bad_registry.path), "--out", str(tmp_path / "rep"),
                                       "--cache", str(tmp_path / "cache"), "--analyses", "behaviours",
-                                      "--probe-sizes", "3", "--probe-per-size", "1", "--max-new-tokens", "4"])
-    assert result.exit_code == 1, result.output
+                                      "--puzzle-sizes", "3", "--puzzles-per-size", "1", "--max-new-tokens", "4"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 3
     assert {line.split()[1].rstrip(":") for line in lines} == {"bad/missing", "bad/corrupt", "bad/mismatched"}
@@ -300,7 +302,7 @@ def test_decision_points_sit_before_the_chosen_tokens(tiny_ckpt):
 
 def test_logit_lens_last_layer_equals_model_softmax(reg, tmp_path):
     ctx = context_for(reg, A_ID, ResultCache(tmp_path / "cache"))
-    ctx_rec = build_fixed_contexts(ctx.tokenizer, ctx.probe[:1], "chat")[0]
+    ctx_rec = build_fixed_contexts(ctx.tokenizer, ctx.puzzles[:1], "chat")[0]
     ids, positions = ctx_rec["ids"], [p["pos"] for p in ctx_rec["points"]]
     sets = token_sets(ctx.tokenizer)
     assert sets["verify"] and sets["control"]
@@ -320,7 +322,7 @@ def test_logit_lens_last_layer_equals_model_softmax(reg, tmp_path):
 
 def test_phrase_logprobs_equal_teacher_forcing_from_scratch(reg, tmp_path):
     ctx = context_for(reg, B_ID, ResultCache(tmp_path / "cache"))
-    rec = build_fixed_contexts(ctx.tokenizer, ctx.probe[:1], "chat")[0]
+    rec = build_fixed_contexts(ctx.tokenizer, ctx.puzzles[:1], "chat")[0]
     points = [DecisionPoint(pos=p["pos"], kinds=tuple(p["kinds"]), lead=p["lead"]) for p in rec["points"]][:5]
     phrases = ["Let me verify", "Wait", "验证一下"]
     phrase_ids = {lead: [ctx.tokenizer(lead + ph, add_special_tokens=False)["input_ids"] for ph in phrases]
@@ -380,7 +382,7 @@ def test_report_pages_and_index_with_trends(reg, tmp_path):
 
     out = tmp_path / "rep"
     args = ["report", "--registry", str(reg.path), "--out", str(out), "--cache", str(tmp_path / "cache"),
-            "--probe-sizes", "3,4", "--probe-per-size", "2", "--max-new-tokens", "24", "--temperature", "1.0",
+            "--puzzle-sizes", "3,4", "--puzzles-per-size", "2", "--max-new-tokens", "24", "--temperature", "1.0",
             "--analyses", "behaviours,verify_prob", "--set", "verify_prob.n_boot=100"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + result.stderr
@@ -407,7 +409,7 @@ def test_report_pages_and_index_with_trends(reg, tmp_path):
 
     # The same outcomes again from the cache: one line per run in every panel, and the
     # stage change at step 20 drawn as a vertical line.
-    config = HarnessConfig(probe=ProbeConfig(sizes=(3, 4), per_size=2),
+    config = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3, 4), per_size=2),
                            generation=GenerationConfig(max_new_tokens=24, temperature=1.0))
     analyses = [BehavioursAnalysis(), VerifyProbAnalysis(n_boot=100)]
     outcomes = analyse_checkpoints(reg, select_checkpoints(reg), analyses, cache=ResultCache(tmp_path / "cache"),
@@ -425,7 +427,7 @@ def test_report_pages_and_index_with_trends(reg, tmp_path):
 
 
 def test_the_probe_world_follows_the_checkpoints_and_refuses_a_mix(tiny_ckpt_pair, tmp_path):
-    from analysis.harness import checkpoints_cast
+    from analysis.selection import SelectionError, checkpoints_cast
     from tests.conftest import fixed_cast_copy
     from train.kk import NAMES
 
@@ -436,7 +438,7 @@ def test_the_probe_world_follows_the_checkpoints_and_refuses_a_mix(tiny_ckpt_pai
     cks = {ck.id: ck for ck in reg.checkpoints()}
     assert checkpoints_cast(reg, [cks[A_ID], cks["gone"]]) is True      # a missing folder fails later
     assert checkpoints_cast(reg, [cks[B_ID]]) is False
-    with pytest.raises(HarnessError, match="mixes fixed-cast checkpoints"):
+    with pytest.raises(SelectionError, match="mixes fixed-cast checkpoints"):
         checkpoints_cast(reg, [cks[A_ID], cks[B_ID]])
-    probe = probe_puzzles(ProbeConfig(sizes=(3, 5), per_size=2, fixed_cast=True))
+    probe = puzzle_set(PuzzleSetConfig(sizes=(3, 5), per_size=2, fixed_cast=True))
     assert [p.names for p in probe] == [NAMES[:3]] * 2 + [NAMES[:5]] * 2

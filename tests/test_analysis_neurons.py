@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.cache import ResultCache
-from analysis.harness import (AnalysisContext, GenerationConfig, HarnessConfig, ProbeConfig, analyse_checkpoints,
-                              load_model, probe_puzzles)
+from analysis.harness import (AnalysisContext, GenerationConfig, HarnessConfig, PuzzleSetConfig, analyse_checkpoints,
+                              load_model, puzzle_set)
 from analysis.neurons import (EN, NONE, ZH, Context, NeuronsAnalysis, NeuronsError, ablation_plan, auroc,
                               build_fixed_contexts, cohens_d, collect_stats, jaccard, lape_scores, make_context,
                               mixed_trace, rank_lape, script_of_bytes, switch_points, switch_probability,
@@ -22,7 +22,7 @@ from analysis.neurons import (EN, NONE, ZH, Context, NeuronsAnalysis, NeuronsErr
 from train.registry import Checkpoint, Registry
 
 PLANT_LAYER, PLANT_NEURON = 0, 17
-SMALL = HarnessConfig(probe=ProbeConfig(sizes=(3, 4), per_size=3),
+SMALL = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3, 4), per_size=3),
                       generation=GenerationConfig(max_new_tokens=16, temperature=1.0, seed=1))
 
 
@@ -109,7 +109,7 @@ def planted(tiny_ckpt, tmp_path_factory) -> Path:
 def test_lape_finds_the_planted_cjk_neuron(planted):
     lm, tok = load_model(planted)
     scripts = token_scripts(tok)
-    probe = probe_puzzles(SMALL.probe)
+    probe = puzzle_set(SMALL.puzzles)
     contexts = [Context(**c) for c in build_fixed_contexts(tok, probe, "chat")]
     st = collect_stats(lm, contexts, scripts)
     assert st.n_en > 100 and st.n_zh > 50
@@ -129,7 +129,7 @@ def test_ablation_with_k_zero_changes_nothing_and_ablation_acts(planted):
     lm, tok = load_model(planted)
     scripts = token_scripts(tok)
     zh_ids = np.nonzero(scripts == ZH)[0].tolist()
-    probe = probe_puzzles(SMALL.probe)
+    probe = puzzle_set(SMALL.puzzles)
     contexts = [Context(**c) for c in build_fixed_contexts(tok, probe, "chat")][:3]
     points = [switch_points(c, scripts)[0] for c in contexts]
     assert all(points)
@@ -144,7 +144,7 @@ def test_ablation_with_k_zero_changes_nothing_and_ablation_acts(planted):
 
 
 def test_mixed_trace_alternates_languages():
-    p = probe_puzzles(SMALL.probe)[0]
+    p = puzzle_set(SMALL.puzzles)[0]
     lines = mixed_trace(p).splitlines()
     assert any(l.startswith("假设 ") for l in lines) and any(l.startswith("Assume ") for l in lines)
 
@@ -158,7 +158,7 @@ def test_plugin_on_fixed_contexts_tracks_overlap(planted, tmp_path):
     reg.add(Checkpoint(id="p/stage1/step-5", path=str(runs / "step-5"), run="p", stage="stage1", global_step=5,
                        parent="p/base"))
     a = NeuronsAnalysis(ks=(0, 2), n_random=2, top_per_layer=5, source="fixed")
-    cfg = HarnessConfig(probe=ProbeConfig(sizes=(3, 4), per_size=2))
+    cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3, 4), per_size=2))
     outcomes = analyse_checkpoints(reg, reg.select(run="p"), [a], cache=ResultCache(tmp_path / "cache"), config=cfg)
     assert [o.error for o in outcomes] == [None, None]
     base, step = (o.results["neurons"] for o in outcomes)
@@ -186,17 +186,23 @@ def test_plugin_on_fixed_contexts_tracks_overlap(planted, tmp_path):
 def test_own_generations_are_used_only_when_they_switch_to_chinese(planted, tmp_path):
     lm, tok = load_model(planted)
     scripts = token_scripts(tok)
-    probe = probe_puzzles(SMALL.probe)
+    probe = puzzle_set(SMALL.puzzles)
 
     def ctx_with(texts):
         gens = [{"puzzle_id": p.id, "text": t, "prompt_style": "chat"} for p, t in zip(probe, texts)]
         return AnalysisContext(checkpoint=Checkpoint(id="x", path=str(planted)), path=planted, model=lm,
-                               tokenizer=tok, probe=probe, config=SMALL, cache=ResultCache(tmp_path / "c"),
+                               tokenizer=tok, puzzles=probe, config=SMALL, cache=ResultCache(tmp_path / "c"),
                                fingerprint="f", _generations=gens)
 
-    a = NeuronsAnalysis(min_switch_points=4, min_switch_contexts=4)
+    a = NeuronsAnalysis(min_switch_points=4, min_switch_contexts=4, samples=2)
     english = ctx_with([f"Assume {p.names[0]} is a knight. So {p.names[1]} is a knave." for p in probe])
+    # Generations that never switch: the model's own samples at T=1 if they switch, else fixed contexts.
+    sampled = a.sampled_contexts(english)
+    assert len(sampled) == 2 * len(probe) and sampled[1].key == f"{probe[0].id}#1"
+    assert [c.ids for c in a.sampled_contexts(english)] == [c.ids for c in sampled]      # seeded
     source, contexts = a.choose_contexts(english, scripts)
+    assert source == ("sampled" if a._enough(sampled, scripts) else "fixed")
+    source, contexts = NeuronsAnalysis(source="fixed").choose_contexts(english, scripts)
     assert source == "fixed" and len(contexts) == len(probe)
     mixed = ctx_with([mixed_trace(p) for p in probe])
     source, contexts = a.choose_contexts(mixed, scripts)

@@ -16,14 +16,14 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-import analysis.generate as gen
+import train.generate as gen
 from analysis.cache import ResultCache, safe_id
-from analysis.evaluate import (ANALYSIS, EVAL_SEED, PUBLISHED, EvalConfig, EvalError, comparison_figure,
-                               comparison_markdown, comparison_table, eval_command, eval_puzzles,
-                               evaluate_checkpoint, evaluate_model, heldout_puzzles, load_generations,
-                               mean_at_k, pass_at_k, summarize, training_keys)
-from analysis.generate import (GenerationError, GenerationOut, generate, prompt_reward_config,
-                               render_prompts, resolve_backend)
+from analysis.evaluate import (ANALYSIS, PUBLISHED, comparison_figure, comparison_markdown, comparison_table,
+                               eval_command, evaluate_checkpoint, load_generations)
+from train.evaluate import (EVAL_SEED, EvalConfig, EvalError, eval_puzzles, evaluate_model, heldout_puzzles,
+                            mean_at_k, pass_at_k, summarize, training_keys)
+from train.generate import (GenerationError, GenerationOut, generate, prompt_reward_config, render_prompts,
+                            resolve_backend)
 from tests.conftest import SHARED_KK
 from train.data import build, generate_split
 from train.errors import UserError
@@ -242,7 +242,7 @@ def test_evaluate_model_scores_with_the_training_reward(tiny, puzzles):
 
 
 def _planted_generate(puzzles, k, calls):
-    """A stand-in for analysis.generate.generate: puzzle i gets min(i % 4, k) correct answers,
+    """A stand-in for train.generate.generate: puzzle i gets min(i % 4, k) correct answers,
     then alternately a wrong answer and a broken format; sample j is 10 + j tokens long."""
     def wrong(p):
         first, rest = p.solution_text_format.split("\n", 1)

@@ -121,7 +121,7 @@ def test_tokenizer_makes_names_clauses_values_and_nodes_single_tokens(tmp_path):
     from transformers import AutoTokenizer
 
     from train.kk import NAMES
-    from train.organism.sft import encode_example
+    from train.organism.data import encode_example
     from train.organism.tokenizer import train_tokenizer
 
     puzzles, traces = _traces(OrganismConfig(), n=40)
@@ -151,7 +151,7 @@ def test_default_organism_starts_with_a_node_head_and_a_think_head():
     import torch
 
     from train.organism.model import make_model
-    from train.organism.sft import encode_example
+    from train.organism.data import encode_example
     from train.organism.tokenizer import train_tokenizer, valued_clauses
     from train.organism.traces import THINK_OPEN
 
@@ -189,7 +189,7 @@ def test_wired_induction_circuit_copies_across_a_long_gap_from_the_first_step():
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from train.organism.circuits import copy_probe, wire_induction
+    from train.organism.circuits import copy_score, wire_induction
 
     def model():
         torch.manual_seed(0)
@@ -198,8 +198,8 @@ def test_wired_induction_circuit_copies_across_a_long_gap_from_the_first_step():
             num_attention_heads=4, num_key_value_heads=4, rope_theta=1e8, tie_word_embeddings=True))
 
     vocab = list(range(512))
-    assert copy_probe(model(), vocab, n=8, gap=300)["copy_accuracy"] < 0.05
-    assert copy_probe(wire_induction(model()), vocab, n=8, gap=300)["copy_accuracy"] > 0.5
+    assert copy_score(model(), vocab, n=8, gap=300)["copy_accuracy"] < 0.05
+    assert copy_score(wire_induction(model()), vocab, n=8, gap=300)["copy_accuracy"] > 0.5
     with pytest.raises(ValueError, match="2 layers"):
         wire_induction(Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=1, num_attention_heads=2,
@@ -280,7 +280,7 @@ def test_teacher_forced_losses_split_the_response_loss_by_token_class(tiny_ckpt)
 
     from train.models import load_model_and_tokenizer
     from train.organism.measure import teacher_forced_losses, token_classes
-    from train.organism.sft import encode_example, heldout_puzzles
+    from train.organism.data import encode_example, heldout_puzzles
     from train.organism.traces import TraceWriter
 
     model, tok = load_model_and_tokenizer(tiny_ckpt)
@@ -370,7 +370,7 @@ def test_gates_pass_on_the_figures_of_a_good_base_and_fail_on_a_flat_one():
 def test_the_shipped_base_matches_its_card():
     """The base in train/organism/base is the one its card describes: same weights (sha1),
     it passes its gates, and greedy decoding reproduces the recorded responses."""
-    from train.organism.vet import file_sha1, greedy_probe
+    from train.organism.vet import file_sha1, recorded_responses
 
     info = json.loads((BASE_DIR / "organism.json").read_text())
     vetting = info["vetting"]
@@ -378,4 +378,4 @@ def test_the_shipped_base_matches_its_card():
     assert vetting["passed"] and all(g["passed"] for g in vetting["gates"])
     assert vetting["weights_sha1"] in (BASE_DIR / "MODEL_CARD.md").read_text()
     assert OrganismConfig(**info["config"]).fingerprint() == info["fingerprint"]
-    assert greedy_probe(BASE_DIR) == vetting["greedy_probe"]
+    assert recorded_responses(BASE_DIR) == vetting["recorded_responses"]

@@ -366,11 +366,11 @@ def test_features_equal_a_plain_transformers_forward(tiny_ckpt, tmp_path):
     import torch
 
     from analysis.cache import ResultCache
-    from analysis.harness import ProbeConfig, load_model, probe_puzzles
+    from analysis.harness import PuzzleSetConfig, load_model, puzzle_set
     from probes.features import extract_features, load_features, save_features
 
     lm, tok = load_model(tiny_ckpt)
-    puzzles = probe_puzzles(ProbeConfig(sizes=(3,), per_size=2))
+    puzzles = puzzle_set(PuzzleSetConfig(sizes=(3,), per_size=2))
     gens = []
     for p in puzzles:
         a, b, c = p.names
@@ -426,17 +426,17 @@ SIZES, PER_SIZE, MAX_NEW = (3, 4), 6, 64
 
 
 def seed_generations(reg, cache_root: Path, seed: int, ck_id: str) -> None:
-    """Cache organism-written responses as the checkpoint's probe-set generations, so the
+    """Cache organism-written responses as the checkpoint's puzzle-set generations, so the
     probes see varied, labelled traces (a random tiny model writes no steps)."""
     from analysis.cache import ResultCache, weights_fingerprint
-    from analysis.generate import GenerationOut
-    from analysis.harness import (GENERATIONS, GenerationConfig, HarnessConfig, ProbeConfig, generation_params,
-                                  generation_records, probe_puzzles)
+    from train.generate import GenerationOut
+    from analysis.harness import (GENERATIONS, GenerationConfig, HarnessConfig, PuzzleSetConfig, generation_params,
+                                  generation_records, puzzle_set)
     from train.organism import OrganismConfig, TraceWriter
 
-    config = HarnessConfig(probe=ProbeConfig(sizes=SIZES, per_size=PER_SIZE),
+    config = HarnessConfig(puzzles=PuzzleSetConfig(sizes=SIZES, per_size=PER_SIZE),
                            generation=GenerationConfig(max_new_tokens=MAX_NEW))
-    puzzles = probe_puzzles(config.probe)
+    puzzles = puzzle_set(config.puzzles)
     writer = TraceWriter(OrganismConfig(think_format_rate=1.0, thorough_rate=0.5, verify_rate=0.5,
                                         chinese_step_rate=0.3))
     rng = random.Random(seed)
@@ -459,7 +459,7 @@ def test_cli_on_two_tiny_checkpoints_writes_its_outputs(tiny_ckpt_pair, registry
         seed_generations(reg, tmp_path / "cache", seed=i, ck_id=ck_id)
     out = tmp_path / "probes"
     args = ["run", "--registry", str(registry_path), "--run", "tiny", "--out", str(out), "--cache",
-            str(tmp_path / "cache"), "--sizes", "3,4", "--per-size", str(PER_SIZE), "--max-new-tokens", str(MAX_NEW),
+            str(tmp_path / "cache"), "--puzzle-sizes", "3,4", "--puzzles-per-size", str(PER_SIZE), "--max-new-tokens", str(MAX_NEW),
             "--folds", "3", "--permutations", "3", "--cs", "0.01,1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

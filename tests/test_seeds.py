@@ -40,7 +40,8 @@ def test_two_seeds_train_and_the_study_aggregates_their_evaluations(tmp_path, ti
     checkpoints' cached evaluations, the shared base is evaluated once, and the table, JSON
     and figure hold the mean and interval of those figures."""
     from analysis.cache import ResultCache
-    from analysis.evaluate import evaluate_checkpoint, make_config
+    from analysis.evaluate import evaluate_checkpoint
+    from train.evaluate import make_config
     from analysis.seeds import STAGE_POINTS, SeedStudyConfig, interval
 
     model = fixed_cast_copy(tiny_ckpt, tmp_path / "model")

@@ -9,7 +9,6 @@ checkpoint manager and model merger, and the watcher that registers checkpoints 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import subprocess
@@ -25,10 +24,11 @@ from tests.conftest import REPO
 verl = pytest.importorskip("verl", reason="veRL is installed with `pip install -e .[verl]`")
 
 from train.data import build, dataset_paths  # noqa: E402
-from train.engine_verl import (MAIN_PPO, PASSTHROUGH_TEMPLATE, VerlError, compile_plan,  # noqa: E402
-                               compile_segment, final_hf_dir, register_verl_checkpoints, run_verl,
-                               segment_data_files, segment_dir, verl_spec)
+from train.engine_verl import (MAIN_PPO, PASSTHROUGH_TEMPLATE, VerlEngine, VerlError, compile_plan,  # noqa: E402
+                               compile_segment, final_hf_dir, register_verl_checkpoints, segment_data_files,
+                               segment_dir, verl_spec)
 from train.registry import Checkpoint, Registry  # noqa: E402
+from train.run import train  # noqa: E402
 from train.schedule import Schedule, load_schedule, plan  # noqa: E402
 
 CONFIG_DIR = Path(verl.__file__).parent / "trainer" / "config"
@@ -204,7 +204,7 @@ def test_parquet_loads_through_rlhf_dataset(style, tmp_path, tiny_ckpt):
             assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_start|>") == 3
     batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate_fn)))
     assert len(batch["raw_prompt"]) == 4 and batch["data_source"][0] == "kk_logic"
-    # veRL drops prompts over max_prompt_length, as the local engine does.
+    # veRL drops prompts over max_prompt_length, as the TRL engine does.
     short = compose(compile_segment(sched, seg.model_copy(update={"max_prompt_length": 8}), tiny_ckpt, files,
                                     tmp_path / "out"))
     assert len(RLHFDataset(data_files=list(short.data.train_files), tokenizer=tok, config=short.data)) == 0
@@ -457,15 +457,15 @@ def test_run_registers_checkpoints_while_training(tmp_path, tiny_ckpt, monkeypat
     sched = tiny_schedule(tmp_path, tiny_ckpt, steps=(3, 2, 2))
     reg = Registry(reg_path)
     starts = {}
-    real_run_segment = ev.run_segment
+    real_launch = ev.launch_segment
 
-    def run_segment(argv, registry, sched_, seg, out_dir, parent_id, **kw):
+    def launch_segment(argv, registry, sched_, seg, out_dir, parent_id, **kw):
         starts[(seg.stage, seg.index)] = parent_id
         monkeypatch.setenv("FAKE_STAGE_START", f"{seg.stage}:{seg.start_step}")
-        return real_run_segment(argv, registry, sched_, seg, out_dir, parent_id, **kw)
+        return real_launch(argv, registry, sched_, seg, out_dir, parent_id, **kw)
 
-    monkeypatch.setattr(ev, "run_segment", run_segment)
-    final = run_verl("stage3", sched, reg, tmp_path / "runs", launcher=launcher, poll_s=0.1, progress=False)
+    monkeypatch.setattr(ev, "launch_segment", launch_segment)
+    final = train("stage3", sched, reg, tmp_path / "runs", VerlEngine(launcher, poll_s=0.1), progress=False)
 
     cks = reg.checkpoints()
     by_id = {c.id: c for c in cks}
@@ -490,8 +490,8 @@ def test_run_registers_checkpoints_while_training(tmp_path, tiny_ckpt, monkeypat
     assert [json.loads(x)["global_step"] for x in lines] == [1, 2, 3, 4, 5, 6, 7]
 
     # Everything complete: nothing is launched again.
-    again = run_verl("stage3", sched, reg, tmp_path / "runs", launcher=[sys.executable, "-c", "raise SystemExit(9)"],
-                     poll_s=0.1, progress=False)
+    again = train("stage3", sched, reg, tmp_path / "runs",
+                  VerlEngine([sys.executable, "-c", "raise SystemExit(9)"], poll_s=0.1), progress=False)
     assert again.id == final.id and len(reg.checkpoints()) == len(cks)
 
 
@@ -504,17 +504,45 @@ def test_failed_run_keeps_its_checkpoints_and_resumes(tmp_path, tiny_ckpt, monke
     reg = Registry(reg_path)
     monkeypatch.setenv("FAKE_FAIL_AFTER", "2")
     with pytest.raises(VerlError, match="exited with code 1 in stage1"):
-        run_verl("stage1", sched, reg, tmp_path / "runs", launcher=launcher, poll_s=0.1, progress=False)
+        train("stage1", sched, reg, tmp_path / "runs", VerlEngine(launcher, poll_s=0.1), progress=False)
     assert [c.id for c in reg.checkpoints() if c.engine == "verl"] == ["tiny/stage1/step-000001",
                                                                       "tiny/stage1/step-000002"]
     monkeypatch.delenv("FAKE_FAIL_AFTER")
-    final = run_verl("stage1", sched, reg, tmp_path / "runs", launcher=launcher, poll_s=0.1, progress=False)
+    final = train("stage1", sched, reg, tmp_path / "runs", VerlEngine(launcher, poll_s=0.1), progress=False)
     assert final.id == "tiny/stage1/step-000003" and final.parent == "tiny/stage1/step-000002"
     out = segment_dir(tmp_path / "runs" / "tiny", plan(sched, "stage1")[0])
     assert (out / "metrics.1.jsonl").is_file()                # the first launch's log, rotated aside
     lines = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["global_step"] for x in lines] == [1, 2, 3]
     assert len({c.id for c in reg.checkpoints()}) == 4
+
+
+def test_both_engines_train_on_the_same_data_built_for_the_base(tmp_path, tiny_ckpt):
+    """One stage loop for both engines: for the same schedule the veRL engine and the TRL engine
+    get the same data, built for the base model's puzzle world (fixed cast here)."""
+    from tests.conftest import fixed_cast_copy
+    from train.engine_trl import TrlEngine
+
+    class Stop(Exception):
+        pass
+
+    def stopping(engine_cls):
+        class Stopping(engine_cls):
+            def run_segment(self, job):
+                raise Stop
+        return Stopping()
+
+    model = fixed_cast_copy(tiny_ckpt, tmp_path / "fixed")
+    data = {}
+    for engine in (stopping(TrlEngine), stopping(VerlEngine)):
+        root = tmp_path / engine.name
+        sched = tiny_schedule(root, model)
+        with pytest.raises(Stop):
+            train("stage3", sched, Registry(root / "ckpts.yaml"), root / "runs", engine, progress=False)
+        files = sorted(Path(sched.data.root).rglob("*.parquet"))
+        data[engine.name] = {f.relative_to(sched.data.root): f.read_bytes() for f in files}
+        assert json.loads((Path(sched.data.root) / "summary.json").read_text())["fixed_cast"] is True
+    assert data["trl"] and data["trl"] == data["verl"]
 
 
 # --------------------------------------------------------------------------- dry run

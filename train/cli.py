@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any, Sequence
 
 import typer
 from rich.console import Console
@@ -49,3 +50,25 @@ def run_app(app: typer.Typer) -> None:
     except _CLICK_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code)
+
+
+def parse_sets(items: Sequence[str], option: str = "--set") -> list[tuple[str, Any]]:
+    """The one override syntax of every command: `a.b=value` items -> (dotted key, value),
+    each value read as YAML (so `5`, `1e-4`, `true`, `[3, 4]` and `{start: 1.0}` are a number,
+    a boolean, a list and a mapping; anything else a string). One line for a malformed item."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"{option} {item!r}: use key=value (a dotted key such as stages.stage1.steps)")
+        try:
+            value = YAML(typ="safe").load(raw) if raw.strip() else raw
+        except YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise UserError(f"{option} {item!r}: the value is not valid YAML ({problem})") from None
+        out.append((key, value))
+    return out

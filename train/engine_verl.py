@@ -2,13 +2,14 @@
 
 Each segment of the plan becomes one `python -m verl.trainer.main_ppo <hydra overrides>` run
 that starts from the previous segment's last HF folder. While it runs, a watcher registers
-every checkpoint veRL finishes in ckpts.yaml (same fields as the local engine, engine "verl"),
+every checkpoint veRL finishes in ckpts.yaml (same fields as the TRL engine, engine "verl"),
 so analysis can start on early checkpoints long before the run ends.
 
     python -m train.run stage3 --engine verl --schedule qwen2.5-7b-instruct-1m-4xa100 --dry-run
 
 The schedule's `verl:` section holds the cluster settings (`VerlSpec`); everything that shapes
-the checkpoints comes from the stages, exactly as on the local engine.
+the checkpoints comes from the stages, exactly as on the TRL engine; the stage loop itself
+(`train.run.train`) is the same for both engines.
 
 veRL's layout, per segment (`runs/<run>/verl/<stage>-seg<k>/`):
 
@@ -39,10 +40,10 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from train.engine_local import checkpoint_id
-from train.errors import UserError
+from train.engine import SegmentJob, base_id, checkpoint_id
+from train.errors import UserError, validation_problem
 from train.registry import Checkpoint, Registry
-from train.schedule import STAGES, Schedule, Segment, plan
+from train.schedule import Schedule, Segment, plan
 
 MAIN_PPO = ("-m", "verl.trainer.main_ppo")
 TRACKER = "latest_checkpointed_iteration.txt"   # verl/trainer/ppo/v1/trainer_base.py::_save_checkpoint
@@ -51,7 +52,7 @@ SHARD = "model_world_size_{w}_rank_{r}.pt"       # verl/utils/checkpoint/fsdp_ch
 METRICS_FILE = "metrics.jsonl"
 MERGED = "hf_merged"
 
-# veRL metric keys -> our metric names (the local engine's, where they exist).
+# veRL metric keys -> our metric names (the TRL engine's, where they exist).
 VERL_METRICS = {
     "critic/score/mean": "reward",
     "response_length/mean": "length_mean",
@@ -132,9 +133,7 @@ def verl_spec(sched: Schedule) -> VerlSpec:
     try:
         return VerlSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
+        where, msg = validation_problem(exc)
         raise VerlError(f"schedule verl{'.' + where if where else ''}: {msg}") from None
 
 
@@ -243,14 +242,14 @@ def compile_segment(sched: Schedule, seg: Segment, model_path: str | Path,
     if "tensorboard" in loggers:
         env["TENSORBOARD_DIR"] = str(out_dir / "tensorboard")
     if sched.logging.wandb:
-        env["WANDB_MODE"] = "offline"                    # as on the local engine: never a server
+        env["WANDB_MODE"] = "offline"                    # as on the TRL engine: never a server
     reward_kwargs = dict(sched.reward)
     a, r, ref = "actor_rollout_ref.actor", "actor_rollout_ref.rollout", "actor_rollout_ref.ref"
     ov: list[tuple[str, Any]] = [
         # algorithm: GRPO / REINFORCE++ advantages, KL as a loss term (not in the reward)
         ("algorithm.adv_estimator", sched.algorithm),
         ("algorithm.use_kl_in_reward", False),
-        # data: our parquet (veRL RL schema); overlong prompts dropped as on the local engine
+        # data: our parquet (veRL RL schema); overlong prompts dropped as on the TRL engine
         ("data.train_files", [str(Path(p).resolve()) for p in data_files["train"]]),
         ("data.val_files", [str(Path(p).resolve()) for p in data_files["val"]]),
         ("data.train_batch_size", seg.batch_prompts),
@@ -328,8 +327,6 @@ def base_path_for_plan(sched: Schedule, registry: Registry) -> tuple[str, str | 
 
     A missing base gives the placeholder `<base:PRESET>`; `python -m train.run base` resolves it.
     """
-    from train.run import base_id
-
     for ck in registry.checkpoints():
         if ck.id == base_id(sched.run):
             return str(registry.resolve(ck)), None
@@ -471,7 +468,7 @@ def register_verl_checkpoints(registry: Registry, sched: Schedule, seg: Segment,
                 id=ck_id, path=str(folder), run=sched.run, stage=seg.stage, global_step=step, parent=parent,
                 segment=seg.index, segment_final=final, stage_final=final and seg.index == seg.n_segments - 1,
                 sampling=seg.sampling, lr=seg.lr, metrics=m, preset=sched.preset,
-                config_hash=sched.config_hash(seg.stage), engine="verl",
+                config_hash=sched.config_hash(seg.stage), engine=VerlEngine.name,
             ))
         ids.append(ck_id)
         parent = ck_id
@@ -543,9 +540,10 @@ def _append_run_metrics(run_dir: Path, seg: Segment, out_dir: Path) -> None:
             fh.write("\n".join(lines) + "\n")
 
 
-def run_segment(argv: Sequence[str], registry: Registry, sched: Schedule, seg: Segment, out_dir: Path,
-                parent_id: str, poll_s: float = 10.0, echo: Callable[[str], None] | None = None) -> str:
-    """Run one veRL segment while registering its checkpoints; returns its final checkpoint id."""
+def launch_segment(argv: Sequence[str], registry: Registry, sched: Schedule, seg: Segment, out_dir: Path,
+                   parent_id: str, poll_s: float = 10.0, echo: Callable[[str], None] | None = None) -> str:
+    """Run veRL (`argv`) on one segment while registering its checkpoints; returns its final
+    checkpoint id."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rotate_metrics(out_dir)
     watcher = _Watcher(registry, sched, seg, out_dir, parent_id, poll_s, echo)
@@ -579,79 +577,56 @@ def run_segment(argv: Sequence[str], registry: Registry, sched: Schedule, seg: S
     return final
 
 
-def run_verl(target: str, sched: Schedule, registry: Registry, runs_dir: Path, dry_run: bool = False, *,
-             launcher: Sequence[str] | None = None, poll_s: float = 10.0, progress: bool = True) -> Checkpoint | None:
-    """Train every pending segment up to `target` on veRL; returns the target's final checkpoint.
+class VerlEngine:
+    """`train.engine.Engine` on veRL: each segment one `main_ppo` run from the segment's start
+    (a relaunch resumes from veRL's own checkpoint files), its checkpoints registered as veRL
+    saves them. `launcher` replaces `python -m verl.trainer.main_ppo` (the overrides follow it)."""
 
-    --dry-run prints one shell command per segment on stdout and touches nothing.
-    `launcher` replaces `python -m verl.trainer.main_ppo` (the overrides follow it).
-    """
-    import train.run as train_run
-    from train.cli import err_console
-    from train.data import ensure_built
+    name = "verl"
 
-    spec = verl_spec(sched)
-    if target == "base":
-        if dry_run:
-            path, why = base_path_for_plan(sched, registry)
-            print(path)
-            if why:
-                err_console.print(f"# {why}", highlight=False, markup=False)
-            return None
-        return train_run.ensure_base(sched, registry, progress)
-    segments = plan(sched, target)
-    for seg in segments:
-        check_fit(spec, seg)
-    if dry_run:
-        _, why = base_path_for_plan(sched, registry)
-        if why:
-            err_console.print(f"# base model not resolved ({why}); shown as <base:{sched.preset}>",
-                              highlight=False, markup=False)
-        done = {(c.stage, c.segment) for c in registry.checkpoints() if c.run == sched.run and c.segment_final}
-        for seg, argv in zip(segments, compile_plan(sched, target, registry, runs_dir)):
-            note = " (complete: skipped)" if (seg.stage, seg.index) in done else ""
-            err_console.print(f"# {seg.stage} segment {seg.index + 1}/{seg.n_segments}: global steps "
-                              f"{seg.start_step}->{seg.end_step}{note}", highlight=False, markup=False)
-            print(shlex.join(argv), flush=True)
-        return None
+    def __init__(self, launcher: Sequence[str] | None = None, poll_s: float = 10.0):
+        self.launcher, self.poll_s = (list(launcher) if launcher else None), poll_s
 
-    run_dir = Path(runs_dir) / sched.run
-    train_run._check_writable(run_dir)
-    train_run._check_writable(registry.path.parent.resolve())
-    finals = train_run.check_state(sched, registry, target)
-    (run_dir / "plan.json").write_text(json.dumps([s.model_dump() for s in segments], indent=1) + "\n")
-    d = sched.data                       # built on demand, as on the local engine
-    ensure_built(d.root, sorted({n for s in segments for n in s.people}), d.train_per_size, d.test_per_size,
-                 d.seed, d.prompt_style, progress=progress)
-    parent = train_run.ensure_base(sched, registry, progress)
-    echo = (lambda msg: err_console.print(msg, highlight=False, markup=False)) if progress else None
-    prefix = list(launcher) if launcher else [sys.executable, *MAIN_PPO]
-    for stage in STAGES[: STAGES.index(target) + 1]:
-        if finals[stage] is not None:
-            parent = finals[stage]
-            continue
-        for seg in (s for s in segments if s.stage == stage):
-            entries = [c for c in train_run._stage_entries(registry.checkpoints(), sched.run, stage)
-                       if c.segment == seg.index]
-            done = next((c for c in entries if c.segment_final), None)
-            if done is not None:
-                parent = done
-                continue
-            other = [c for c in entries if c.engine not in (None, "verl")]
-            if other:
-                raise VerlError(f"run {sched.run!r} {stage} segment {seg.index + 1} has checkpoints from engine "
-                                f"{other[0].engine!r}; finish it there or choose another --run")
-            out = segment_dir(run_dir, seg)
-            argv = prefix + compile_segment(sched, seg, registry.resolve(parent), segment_data_files(sched, seg), out)
-            if echo:
-                echo(f"{stage} segment {seg.index + 1}/{seg.n_segments}: veRL, {seg.steps} steps, "
+    def check(self, schedule: Schedule, segments: Sequence[Segment]) -> None:
+        spec = verl_spec(schedule)
+        for seg in segments:
+            check_fit(spec, seg)
+
+    def run_segment(self, job: SegmentJob) -> str:
+        sched, seg = job.schedule, job.segment
+        out = segment_dir(job.run_dir, seg)
+        prefix = self.launcher or [sys.executable, *MAIN_PPO]
+        argv = prefix + compile_segment(sched, seg, job.start_path, segment_data_files(sched, seg), out)
+        if job.echo:
+            job.echo(f"{seg.stage} segment {seg.index + 1}/{seg.n_segments}: veRL, {seg.steps} steps, "
                      f"T={seg.temperature:g}, lr={seg.lr:.3g}, logs under {out}")
-            last = run_segment(argv, registry, sched, seg, out, parent.id, poll_s=poll_s, echo=echo)
-            _append_run_metrics(run_dir, seg, out)
-            parent = registry.get(last)
-        if echo:
-            echo(f"{stage} done: {parent.id}")
-    return parent
+        last = launch_segment(argv, job.registry, sched, seg, out, job.start_id, poll_s=self.poll_s, echo=job.echo)
+        _append_run_metrics(job.run_dir, seg, out)
+        return last
+
+
+def print_commands(target: str, sched: Schedule, registry: Registry, runs_dir: Path) -> None:
+    """--dry-run: one shell command per segment up to `target` on stdout (the base model's
+    folder for target "base"); writes nothing."""
+    from train.cli import err_console
+
+    if target == "base":
+        path, why = base_path_for_plan(sched, registry)
+        print(path)
+        if why:
+            err_console.print(f"# {why}", highlight=False, markup=False)
+        return
+    segments = plan(sched, target)
+    _, why = base_path_for_plan(sched, registry)
+    if why:
+        err_console.print(f"# base model not resolved ({why}); shown as <base:{sched.preset}>",
+                          highlight=False, markup=False)
+    done = {(c.stage, c.segment) for c in registry.checkpoints() if c.run == sched.run and c.segment_final}
+    for seg, argv in zip(segments, compile_plan(sched, target, registry, runs_dir)):
+        note = " (complete: skipped)" if (seg.stage, seg.index) in done else ""
+        err_console.print(f"# {seg.stage} segment {seg.index + 1}/{seg.n_segments}: global steps "
+                          f"{seg.start_step}->{seg.end_step}{note}", highlight=False, markup=False)
+        print(shlex.join(argv), flush=True)
 
 
 def _r(v: float) -> float:

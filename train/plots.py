@@ -44,7 +44,8 @@ def training_figure(metrics_file: str | Path, out: str | Path, title: str = "") 
     ax = axes[4]
     if "length_mean" in df:
         ax.plot(df["global_step"], df["length_mean"], label="mean")
-        ax.fill_between(df["global_step"], df["length_min"], df["length_max"], alpha=0.2, label="min-max")
+        if {"length_min", "length_max"} <= set(df):
+            ax.fill_between(df["global_step"], df["length_min"], df["length_max"], alpha=0.2, label="min-max")
         ax.legend(loc="upper left")
     ax.set_title("response length (tokens)")
     for ax in axes:

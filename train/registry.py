@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from train.errors import UserError
+from train.errors import UserError, validation_problem
 
 DEFAULT_REGISTRY = "ckpts.yaml"
 HEADER = """\
@@ -150,9 +150,8 @@ class Registry:
             try:
                 ck = Checkpoint.model_validate(_plain(item))
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in err["loc"]) or "entry"
-                raise RegistryError(f"{self.path}:{line}: checkpoint field '{where}': {err['msg']}") from None
+                where, msg = validation_problem(exc)
+                raise RegistryError(f"{self.path}:{line}: checkpoint field '{where or 'entry'}': {msg}") from None
             if ck.id in seen:
                 raise RegistryError(f"{self.path}:{line}: duplicate checkpoint id {ck.id!r} (first at line {seen[ck.id]})")
             seen[ck.id] = line

@@ -19,16 +19,13 @@ from pathlib import Path
 
 import typer
 
-from train.cli import err_console, run_app
+from train.cli import err_console, parse_sets, run_app
 from train.errors import UserError
+from train.engine import Engine, SegmentJob, base_id, engine_name
 from train.registry import Checkpoint, Registry, parse_seeds, seed_run
 from train.schedule import STAGES, Schedule, ScheduleError, Segment, load_schedule, plan
 
 DEFAULT_SCHEDULE = "kk-tiny"
-
-
-def base_id(run: str) -> str:
-    return f"{run}/base"
 
 
 def ensure_base(sched: Schedule, registry: Registry, progress: bool = True,
@@ -94,7 +91,8 @@ def print_plan(sched: Schedule, segments: list[Segment]) -> None:
     err_console.print(t)
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
+    """Create `path` if needed and make sure a file can be written in it (one-line error)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -104,23 +102,26 @@ def _check_writable(path: Path) -> None:
         raise UserError(f"{path}: output folder is not writable ({exc.strerror})") from None
 
 
-def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, progress: bool = True) -> Checkpoint:
-    """Run every pending segment up to `target`; returns the target stage's final checkpoint."""
+def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, engine: Engine | None = None,
+          progress: bool = True) -> Checkpoint:
+    """The one stage loop: every pending segment up to `target`, each trained by `engine`
+    (default: TRL); returns the target stage's final checkpoint."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from train.data import ensure_built
     from train.models import fixed_cast, resolve_model
-    from train.engine_local import SegmentJob, run_segment
     from train.plots import training_figure
 
-    if sched.algorithm != "grpo":
-        raise ScheduleError(f"algorithm {sched.algorithm!r} runs on the veRL engine only (TRL has no "
-                            "REINFORCE++); use --engine verl or algorithm: grpo")
-    run_dir = runs_dir / sched.run
-    _check_writable(run_dir)
-    _check_writable(registry.path.parent.resolve())
-    finals = check_state(sched, registry, target)
+    if engine is None:
+        from train.engine_trl import TrlEngine
+
+        engine = TrlEngine()
     segments = plan(sched, target)
+    engine.check(sched, segments)
+    run_dir = runs_dir / sched.run
+    check_writable(run_dir)
+    check_writable(registry.path.parent.resolve())
+    finals = check_state(sched, registry, target)
     d = sched.data
     # The base model says which puzzle world it was made for; the training data follows it.
     base_path = resolve_model(sched.preset, progress=progress)
@@ -148,6 +149,10 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
                 f" | format err {m.get('format_error', 0):.2f} | wrong {m.get('wrong', 0):.2f}"
                 f" | len {m.get('length_mean', 0):.0f} | kl {m.get('kl', 0):.4f} | T {m.get('temperature', 0):g}")
 
+        def echo(line: str) -> None:
+            if progress:
+                bar.console.print(line, highlight=False, markup=False)
+
         for stage in STAGES[: STAGES.index(target) + 1]:
             if finals[stage] is not None:
                 parent = finals[stage]
@@ -157,17 +162,21 @@ def train(target: str, sched: Schedule, registry: Registry, runs_dir: Path, prog
                 if any(c.segment_final for c in entries):
                     parent = next(c for c in entries if c.segment_final)
                     continue
+                other = [c for c in entries if engine_name(c.engine) not in (None, engine.name)]
+                if other:
+                    raise ScheduleError(f"run {sched.run!r} {stage} segment {seg.index + 1} has checkpoints from "
+                                        f"engine {engine_name(other[0].engine)!r}; finish it there or choose another --run")
                 start = entries[-1] if entries else parent
-                done = start.global_step - seg.start_step if entries else 0
                 bar.update(task, description=f"{stage} {seg.index + 1}/{seg.n_segments} T={seg.temperature:g}")
-                last_id = run_segment(SegmentJob(
+                last_id = engine.run_segment(SegmentJob(
                     schedule=sched, segment=seg, init_path=registry.resolve(start), parent_id=start.id,
-                    run_dir=run_dir, registry=registry, config_hash=sched.config_hash(stage),
-                    done_steps=done, on_step=on_step))
+                    start_path=registry.resolve(parent), start_id=parent.id, run_dir=run_dir, registry=registry,
+                    config_hash=sched.config_hash(stage),
+                    done_steps=start.global_step - seg.start_step if entries else 0, on_step=on_step, echo=echo))
                 parent = registry.get(last_id)
             figure = training_figure(run_dir / "metrics.jsonl", run_dir / "figures" / f"training-{stage}.png",
                                      title=f"{sched.run}: up to {stage}")
-            bar.console.print(f"{stage} done: {parent.id}  figure: {figure}")
+            echo(f"{stage} done: {parent.id}  figure: {figure}")
     return parent
 
 
@@ -179,21 +188,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 TARGETS = ("base", *STAGES, "all")
 
 
-def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"bad --set {item!r}: use key.path=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v
-    return out
-
-
 @app.command()
 def main(
     target: str = typer.Argument(..., help="base | stage1 | stage2 | stage3 | all"),
     schedule: str = typer.Option(DEFAULT_SCHEDULE, "--schedule", "-s", help="schedule preset or YAML path"),
-    engine: str = typer.Option("local", help="local (TRL) or verl (Ray, GPU cluster)"),
+    engine: str = typer.Option("trl", help="trl (TRL's GRPOTrainer, CPU or one GPU) or verl (Ray, GPU cluster)"),
     registry: Path = typer.Option(Path("ckpts.yaml"), help="checkpoint registry"),
     runs_dir: Path = typer.Option(Path("runs"), help="where checkpoints and metrics go"),
     run: str = typer.Option(None, help="run name (default: the schedule's)"),
@@ -206,35 +205,54 @@ def main(
     """Train up to TARGET (earlier stages as needed), skipping what is complete."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
-    overrides = _overrides(set_)
+    overrides = dict(parse_sets(set_))
     if run:
         overrides["run"] = run
     if seeds is not None:
         base = load_schedule(schedule, overrides)
         for seed in parse_seeds(seeds):
             seeded = {**overrides, "run": seed_run(base.run, seed),
-                      **{f"stages.{stage}.seed": str(seed) for stage in STAGES}}
+                      **{f"stages.{stage}.seed": seed for stage in STAGES}}
             err_console.print(f"[bold]seed {seed}[/]: run {seeded['run']}")
             _main(target, load_schedule(schedule, seeded), Registry(registry), engine, runs_dir, dry_run, quiet)
         return
     _main(target, load_schedule(schedule, overrides), Registry(registry), engine, runs_dir, dry_run, quiet)
 
 
-def _main(target: str, sched: Schedule, reg: Registry, engine: str, runs_dir: Path, dry_run: bool,
-          quiet: bool) -> None:
-    registry = reg.path
-    if engine == "verl":
-        from train.engine_verl import run_verl
+ENGINES = ("trl", "verl")
 
-        run_verl("stage3" if target == "all" else target, sched, reg, runs_dir, dry_run=dry_run)
-        return
-    if engine != "local":
-        raise UserError(f"unknown engine {engine!r}; use local or verl")
+
+def make_engine(name: str) -> Engine:
+    """The engine an --engine value names ("local" is the TRL engine's earlier name)."""
+    name = engine_name(name)
+    if name == "trl":
+        from train.engine_trl import TrlEngine
+
+        return TrlEngine()
+    if name == "verl":
+        from train.engine_verl import VerlEngine
+
+        return VerlEngine()
+    raise UserError(f"--engine {name!r}: use {' or '.join(ENGINES)}")
+
+
+def _main(target: str, sched: Schedule, reg: Registry, engine_choice: str, runs_dir: Path, dry_run: bool,
+          quiet: bool) -> None:
+    engine = make_engine(engine_choice)
     stage = "stage3" if target == "all" else target
+    if stage != "base":
+        # What the real run checks before its first write, a dry run checks too.
+        engine.check(sched, plan(sched, stage))
+        check_state(sched, reg, stage)
     if dry_run:
+        if engine.name == "verl":
+            from train.engine_verl import print_commands
+
+            print_commands(stage, sched, reg, runs_dir)
+            return
         if stage != "base":
             print_plan(sched, plan(sched, stage))
-        err_console.print(f"base model: preset {sched.preset}; registry {registry}; outputs {runs_dir / sched.run}")
+        err_console.print(f"base model: preset {sched.preset}; registry {reg.path}; outputs {runs_dir / sched.run}")
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.time()
@@ -242,7 +260,7 @@ def _main(target: str, sched: Schedule, reg: Registry, engine: str, runs_dir: Pa
         ck = ensure_base(sched, reg, progress=not quiet)
         err_console.print(f"base model {ck.id}: {reg.resolve(ck)}")
         return
-    ck = train(stage, sched, reg, runs_dir, progress=not quiet)
+    ck = train(stage, sched, reg, runs_dir, engine, progress=not quiet)
     err_console.print(f"{stage} complete: {ck.id} ({reg.resolve(ck)}) in {time.time() - t0:.0f} s")
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from train.errors import UserError
+from train.errors import UserError, validation_problem
 
 STAGES = ("stage1", "stage2", "stage3")
 SCHEDULE_DIR = "schedules"
@@ -235,18 +235,16 @@ def load_schedule(name_or_path: str | Path, overrides: dict | None = None) -> Sc
     try:
         return Schedule.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise ScheduleError(f"{path}: {where}: {err['msg']}") from None
+        where, msg = validation_problem(exc)
+        raise ScheduleError(f"{path}: {where}: {msg}") from None
 
 
 def _set_dotted(d: dict, key: str, value) -> None:
-    """Apply an override like `stages.stage1.steps=5` (values parsed as YAML scalars)."""
-    from ruamel.yaml import YAML
-
+    """Apply an override like `stages.stage1.steps` = 5 (a value already parsed,
+    `train.cli.parse_sets`)."""
     parts = key.split(".")
     for p in parts[:-1]:
         d = d.setdefault(p, {})
         if not isinstance(d, dict):
-            raise ScheduleError(f"override {key}: {p} is not a mapping")
-    d[parts[-1]] = YAML(typ="safe").load(str(value)) if isinstance(value, str) else value
+            raise ScheduleError(f"--set {key}: {p} is not a mapping")
+    d[parts[-1]] = value

@@ -14,7 +14,8 @@ build` makes a new one from scratch.
     tokenizer.py  the BPE tokenizer and the phrases that are single tokens
     circuits.py   the hand-wired induction circuit and latest-marker heads
     model.py      the Qwen2 with its wired initial weights
-    sft.py        SFT data, the fine-tuning loop, `build`
+    data.py       held-out puzzles, SFT puzzles and traces, token ids of an example
+    sft.py        the fine-tuning loop, `build`
     measure.py    behaviour on held-out puzzles, loss per token class
     vet.py        the figures, quality gates and model card of a build
 """

@@ -78,7 +78,7 @@ def measure_command(path: Path, n: int = typer.Option(100, min=1, help="held-out
                     max_new_tokens: int = typer.Option(512, min=1),
                     teacher_forced: bool = typer.Option(
                         False, help="also the loss per token class on traces of the organism's style, "
-                        "and the copy probe"),
+                        "and the copy score"),
                     opening: str = typer.Option(
                         "", help="make every response start with this text; 'careful' and 'quick' "
                         "stand for a think block opened the careful or the quick way")) -> None:

@@ -115,7 +115,7 @@ def _wire_head(att, h: int, d: int, *, out: slice, gain: float, q=None, k=None, 
     att.o_proj.weight[out, rows] = gain * eye
 
 
-def copy_probe(model, vocab: list[int], *, n: int = 20, length: int = 20, gap: int = 0,
+def copy_score(model, vocab: list[int], *, n: int = 20, length: int = 20, gap: int = 0,
                seed: int = 0) -> dict[str, float]:
     """Does `model` copy, or only pick tokens it has seen? On `n` random sequences of `length`
     tokens from `vocab`, shown twice with `gap` random tokens between, over the second showing:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from train.errors import UserError
+from train.errors import UserError, validation_problem
 
 BUILD_VERSION = 4      # raise when the same config would build a different model
+ORGANISM_FILE = "organism.json"   # what a build writes beside the model: config, sizes, SFT curve, vetting
 
 
 class OrganismConfig(BaseModel):
@@ -144,20 +146,27 @@ def use_bf16(config: OrganismConfig) -> bool:
 
 
 def config_with(overrides: Sequence[str]) -> OrganismConfig:
-    """OrganismConfig with `key=value` overrides (values parsed as JSON when they can be)."""
+    """OrganismConfig with `--set key=value` overrides (`train.cli.parse_sets`)."""
+    from train.cli import parse_sets
+
     values: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in OrganismConfig.model_fields:
-            raise UserError(f"--set {item!r}: expected key=value with a key of OrganismConfig "
-                            f"({', '.join(OrganismConfig.model_fields)})")
-        try:
-            values[key] = json.loads(raw)
-        except ValueError:
-            values[key] = raw
+    for key, value in parse_sets(overrides):
+        if key not in OrganismConfig.model_fields:
+            raise UserError(f"--set {key}: not a setting of OrganismConfig ({', '.join(OrganismConfig.model_fields)})")
+        values[key] = value
     try:
         return OrganismConfig(**values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = " ".join(["--set", *map(str, err["loc"])])
-        raise UserError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    except ValidationError as exc:
+        where, msg = validation_problem(exc)
+        raise UserError(f"--set {where}: {msg}") from None
+
+
+def organism_config(path: "str | Path") -> OrganismConfig | None:
+    """The config an organism folder was built with (its ORGANISM_FILE), None for other models."""
+    info = Path(path) / ORGANISM_FILE
+    if not info.is_file():
+        return None
+    try:
+        return OrganismConfig(**json.loads(info.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:   # ValidationError is a ValueError
+        raise UserError(f"{info}: not an organism description ({type(e).__name__})") from None

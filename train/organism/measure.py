@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from train.kk import Puzzle
-from train.organism.config import OrganismConfig
-from train.organism.sft import encode_example, heldout_puzzles, organism_config
+from train.organism.config import OrganismConfig, organism_config
+from train.organism.data import encode_example, heldout_puzzles
 from train.organism.tokenizer import cast_phrases, node_phrases, valued_clauses
 from train.kk import ROLE_ZH
 from train.organism.traces import CLAUSE_EN, CLAUSE_ZH, THOROUGH_OPEN, TraceWriter
@@ -125,17 +125,17 @@ def teacher_forced_losses(model, tokenizer, puzzles: Sequence[Puzzle], seed: int
     return {k: {"loss": round(sum(v) / len(v), 4), "tokens": len(v)} for k, v in sums.items() if v}
 
 
-def copy_probe(model, tokenizer, n: int = 20, length: int = 20, seed: int = 0) -> dict[str, float]:
-    """`train.circuits.copy_probe` on the puzzle names: does the organism copy a name from its
+def copy_score(model, tokenizer, n: int = 20, length: int = 20, seed: int = 0) -> dict[str, float]:
+    """`circuits.copy_score` on the puzzle names: does the organism copy a name from its
     context, or only pick one of the names it has seen? {} when names are not single tokens."""
-    from train.organism.circuits import copy_probe as probe
+    from train.organism.circuits import copy_score as score
     from train.kk import NAMES
 
     ids = [i for i in (tokenizer.convert_tokens_to_ids(nm) for nm in NAMES)
            if i is not None and i != tokenizer.unk_token_id]
     if len(ids) < len(NAMES):
-        return {}                         # names are not single tokens: the probe does not apply
-    return probe(model, ids, n=n, length=length, seed=seed)
+        return {}                         # names are not single tokens: the score does not apply
+    return score(model, ids, n=n, length=length, seed=seed)
 
 
 def _share(flags: Sequence[bool]) -> float | None:
@@ -149,7 +149,7 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
     """Behaviour on held-out puzzles (`heldout_puzzles(people, n_puzzles, seed)`), per
     temperature (None = greedy): accuracy by the reward (strict) and by roles alone (lenient),
     format-correct rate, verification / hesitation / Chinese rates, response length; with
-    `teacher_forced`, also `teacher_forced_losses` on the same puzzles and `copy_probe`.
+    `teacher_forced`, also `teacher_forced_losses` on the same puzzles and `copy_score`.
     `opening`: text every response is made to start with (e.g. "<think>\n" + THOROUGH_OPEN)."""
     import torch
 
@@ -162,7 +162,7 @@ def measure_organism(path: str | Path, n_puzzles: int = 100, people: int = 3, se
         # An organism is measured on traces in its own style.
         result["teacher_forced_loss"] = teacher_forced_losses(model, tok, puzzles, seed=seed,
                                                               config=organism_config(path))
-        result["copy_probe"] = copy_probe(model, tok, seed=seed)
+        result["copy_score"] = copy_score(model, tok, seed=seed)
     for temp in temperatures:
         torch.manual_seed(seed)
         t0 = time.time()

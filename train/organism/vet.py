@@ -17,15 +17,16 @@ import platform
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from train.organism.sft import ORGANISM_FILE, heldout_puzzles
+from train.organism.config import ORGANISM_FILE
+from train.organism.data import heldout_puzzles
 from train.organism.traces import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN
 
 OPENINGS = {"careful": THINK_OPEN + THOROUGH_OPEN + "\n", "quick": THINK_OPEN + QUICK_OPEN + "\n", "free": ""}
 CARD_FILE = "MODEL_CARD.md"
 # The recorded greedy outputs a copy of the base must reproduce (tests/test_organism.py).
-PROBE_PUZZLES, PROBE_TOKENS = 4, 160
+RECORDED_PUZZLES, RECORDED_TOKENS = 4, 160
 
 
 class Gate(BaseModel):
@@ -91,7 +92,7 @@ def vet_figures(path: str | Path, n: int = 60, people: Sequence[int] = (3, 5), m
                                  teacher_forced=size == people[0] and way == "free")
             if "teacher_forced_loss" in m:
                 figures["teacher_forced_loss"] = m["teacher_forced_loss"]
-                figures["copy_probe"] = m["copy_probe"]
+                figures["copy_score"] = m["copy_score"]
             figures[str(size)][way] = {k: {x: y for x, y in v.items() if x != "examples"}
                                        for k, v in m.items() if k in ("T=1", "greedy")}
     figures["n_puzzles"] = n
@@ -103,7 +104,7 @@ def check_gates(figures: dict[str, Any], gates: Sequence[Gate] = DEFAULT_GATES) 
     return [g.check(figures) for g in gates]
 
 
-def greedy_probe(path: str | Path, n: int = PROBE_PUZZLES, max_new_tokens: int = PROBE_TOKENS) -> list[dict]:
+def recorded_responses(path: str | Path, n: int = RECORDED_PUZZLES, max_new_tokens: int = RECORDED_TOKENS) -> list[dict]:
     """Greedy responses to the first `n` held-out 3-person puzzles, left free and made to
     answer carefully: what a copy of this model must reproduce token for token."""
     from train.models import load_model_and_tokenizer
@@ -143,11 +144,11 @@ def machine() -> dict[str, Any]:
 
 def vet(path: str | Path, n: int = 60, gates: Sequence[Gate] = DEFAULT_GATES, write: bool = True,
         progress: bool = False) -> dict[str, Any]:
-    """Figures, gates and the greedy probe of the organism at `path`; with `write`, kept in its
+    """Figures, gates and the recorded greedy responses of the organism at `path`; with `write`, kept in its
     organism.json (`vetting`) and written out as its model card."""
     path = Path(path)
     figures = vet_figures(path, n=n, progress=progress)
-    result = {"figures": figures, "gates": check_gates(figures, gates), "greedy_probe": greedy_probe(path),
+    result = {"figures": figures, "gates": check_gates(figures, gates), "recorded_responses": recorded_responses(path),
               "weights_sha1": file_sha1(path / "model.safetensors"), "machine": machine()}
     result["passed"] = all(g["passed"] for g in result["gates"])
     info_file = path / ORGANISM_FILE
@@ -197,7 +198,7 @@ def model_card(info: dict[str, Any]) -> str:
         "- the same command on another kind of CPU gives other weights (floating-point differences "
         "compound over SFT): use this folder, not a rebuild, to reproduce the project's figures", "",
         "## Measured", "",
-        f"{fig['n_puzzles']} held-out puzzles per size (`train.organism.sft.heldout_puzzles`, seed 777), "
+        f"{fig['n_puzzles']} held-out puzzles per size (`train.organism.data.heldout_puzzles`, seed 777), "
         f"responses up to {fig['max_new_tokens']} tokens. Accuracy is roles-only / the reward's (format "
         "included); careful, quick: every response made to open that way; free: as it likes.", "",
         "| people, way | accuracy greedy | accuracy T=1 | careful share T=1 | format T=1 | "

@@ -1,4 +1,4 @@
-"""The local engine: one segment of the schedule trained with TRL's GRPOTrainer.
+"""The TRL engine: one segment of the schedule trained with TRL's GRPOTrainer.
 
 CPU by default, one GPU when present. Our code only adds what is ours: the dataset of puzzle
 prompts, the reward functions, per-step metrics, dense atomic checkpoints registered in
@@ -12,12 +12,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
-from train.registry import Checkpoint, Registry
-from train.schedule import Schedule, Segment
+from train.engine import SegmentJob, checkpoint_id
+from train.registry import Checkpoint
+from train.schedule import Schedule, ScheduleError, Segment
 
 # TRL log keys -> our metric names (the seed's panels + diagnostics).
 METRIC_KEYS = {
@@ -33,25 +33,6 @@ METRIC_KEYS = {
     "entropy": "entropy",
     "learning_rate": "lr",
 }
-
-
-def checkpoint_id(run: str, stage: str, step: int) -> str:
-    return f"{run}/{stage}/step-{step:06d}"
-
-
-@dataclass
-class SegmentJob:
-    """Everything one segment needs; `done_steps` > 0 resumes inside the segment."""
-
-    schedule: Schedule
-    segment: Segment
-    init_path: Path            # HF folder to start from
-    parent_id: str             # registry id of that checkpoint
-    run_dir: Path
-    registry: Registry
-    config_hash: str
-    done_steps: int = 0
-    on_step: Callable[[int, dict], None] | None = None   # (global_step, metrics) for progress
 
 
 def build_dataset(schedule: Schedule, seg: Segment, tokenizer, skip: int):
@@ -102,25 +83,37 @@ def _save_atomic(model, tokenizer, final: Path) -> None:
     os.replace(tmp, final)
 
 
+class TrlEngine:
+    """`train.engine.Engine` on TRL: GRPO only (TRL has no REINFORCE++)."""
+
+    name = "trl"
+
+    def check(self, schedule: Schedule, segments: Sequence[Segment]) -> None:
+        if schedule.algorithm != "grpo":
+            raise ScheduleError(f"algorithm {schedule.algorithm!r} runs on the veRL engine only (TRL has no "
+                                "REINFORCE++); use --engine verl or algorithm: grpo")
+
+    def run_segment(self, job: SegmentJob) -> str:
+        return run_segment(job)
+
+
 def run_segment(job: SegmentJob) -> str:
     """Train one segment (or its remainder); returns the id of its last checkpoint."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from train.models import fixed_cast
+    from train.models import fixed_cast, load_model_and_tokenizer
     from train.reward import RewardConfig, make_trl_reward_funcs
 
     hf_logging.disable_progress_bar()  # weight load/save bars would drown the step lines
     seg, sched = job.segment, job.schedule
     remaining = seg.steps - job.done_steps
     cuda = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(job.init_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(job.init_path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model, tokenizer = load_model_and_tokenizer(job.init_path, name=job.parent_id, device="cpu",
+                                                dtype="bfloat16" if cuda else "float32")
     dataset = build_dataset(sched, seg.model_copy(update={"steps": remaining}), tokenizer,
                             skip=job.done_steps * seg.batch_prompts)
     reward_cfg = RewardConfig(**{**sched.reward, "prefilled_think": sched.data.prompt_style == "raw"})
@@ -188,7 +181,7 @@ def run_segment(job: SegmentJob) -> str:
                     parent=last["id"], segment=seg.index, segment_final=local == seg.steps,
                     stage_final=local == seg.steps and seg.index == seg.n_segments - 1,
                     sampling=seg.sampling, lr=seg.lr, metrics={k: _r(v) for k, v in m.items()},
-                    preset=sched.preset, config_hash=job.config_hash, engine="local",
+                    preset=sched.preset, config_hash=job.config_hash, engine=TrlEngine.name,
                 ))
                 last["id"] = ck_id
 
@@ -203,7 +196,7 @@ def run_segment(job: SegmentJob) -> str:
 def _validator(sched: Schedule, seg: Segment, tokenizer, fixed_cast: bool, n_per_size: int = 16):
     """Periodic validation: greedy accuracy on held-out puzzles of the segment's sizes, scored
     by the training reward (the same evaluation `python -m analysis eval` runs)."""
-    from analysis.evaluate import eval_puzzles, evaluate_model, make_config
+    from train.evaluate import eval_puzzles, evaluate_model, make_config
 
     config = make_config(people=seg.people, n_per_size=n_per_size, mode="greedy",
                          max_new_tokens=seg.max_response_length, prompt_style=sched.data.prompt_style,

@@ -1,4 +1,4 @@
-"""Step segmentation of a reasoning trace: the one home of "what is a step".
+"""Steps of a reasoning trace: the one home of "what is a step".
 
 A step is a sentence-like unit of the thinking. Boundaries are
 
@@ -108,12 +108,12 @@ def token_offsets(text: str, tokenizer: Any) -> list[tuple[int, int]]:
     return [tuple(span) for span in enc["offset_mapping"]]
 
 
-def segment_steps(text: str, tokenizer: Any = None, *, span: tuple[int, int] | None = None,
+def split_steps(text: str, tokenizer: Any = None, *, span: tuple[int, int] | None = None,
                   offsets: Sequence[tuple[int, int]] | None = None) -> list[Step]:
     """Split `text[span]` (default: all of it) into steps.
 
     Offsets are relative to the whole `text`, so a caller can tokenize the full response once
-    and segment only its thinking (`span=think_span(text)`). Token offsets come from
+    and split only its thinking (`span=think_span(text)`). Token offsets come from
     `offsets` if given, else from `tokenizer`'s offset mapping of `text`; without either they
     are None.
     """
