@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from train.errors import UserError
+
 DEFAULT_ROOT = Path("reports/cache")
 
 
@@ -69,7 +71,10 @@ class ResultCache:
         self.root = Path(root)
 
     def path(self, ckpt_id: str, analysis: str, params: dict[str, Any]) -> Path:
-        return self.root / safe_id(ckpt_id) / f"{analysis}-{params_hash(params)}.json"
+        folder = self.root / safe_id(ckpt_id)
+        if safe_id(ckpt_id) in ("", ".", "..") or folder.resolve().parent != self.root.resolve():
+            raise UserError(f"checkpoint id {ckpt_id!r} cannot name a folder of the result cache {self.root}")
+        return folder / f"{analysis}-{params_hash(params)}.json"
 
     def sidecar(self, ckpt_id: str, analysis: str, params: dict[str, Any], suffix: str) -> Path:
         """A companion file of a cached result (e.g. generations as parquet)."""
@@ -80,9 +85,12 @@ class ResultCache:
         if not p.exists():
             return None
         try:
-            return json.loads(p.read_text(encoding="utf-8"))["result"]
-        except (json.JSONDecodeError, KeyError):
-            return None  # a torn or foreign file counts as missing
+            record = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):       # torn, not JSON, not UTF-8 (UnicodeDecodeError is a ValueError)
+            return None
+        if not isinstance(record, dict) or "result" not in record:
+            return None                     # a foreign file counts as missing too
+        return record["result"]
 
     def put(self, ckpt_id: str, analysis: str, params: dict[str, Any], result: Any) -> None:
         record = {"checkpoint": ckpt_id, "analysis": analysis, "params": params, "result": result}

@@ -21,7 +21,7 @@ from analysis.evaluate import eval_command
 from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig
 from analysis.seeds import seeds_command
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
-from train.cli import err_console, parse_sets, run_app
+from train.cli import check_output_folder, err_console, parse_sets, run_app
 
 app = typer.Typer(help="Checkpoint-by-checkpoint analysis of what RL changed: reports and evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -63,10 +63,15 @@ def report_command(
     analysed is reported in one line and skipped (exit code 1 at the end)."""
     from analysis.cache import ResultCache
     from analysis.harness import (HarnessConfig, HarnessError, analyse_checkpoints, available_analyses,
-                                  get_analysis, load_plugins, outcome_display)
+                                  cached_outcome, get_analysis, load_plugins, outcome_display)
+    from analysis.report import indexed_checkpoints, write_reports
     from analysis.selection import checkpoints_cast, open_selection
-    from analysis.report import write_reports
 
+    from train.models import pick_dtype
+
+    check_output_folder(out, "--out")
+    check_output_folder(cache, "--cache")
+    pick_dtype(dtype)                 # a bad --dtype is one line now, not one per checkpoint later
     reg, checkpoints = open_selection(selection)
     load_plugins(plugin)
     names = [n.strip() for n in analyses.split(",") if n.strip()] if analyses else list(available_analyses())
@@ -83,8 +88,19 @@ def report_command(
     with outcome_display(err_console, lambda o: ", ".join(o.computed) if o.computed else "all cached") as (bar, note):
         outcomes = analyse_checkpoints(reg, checkpoints, chosen, cache=ResultCache(cache), config=config,
                                        progress=bar, on_outcome=note)
-    files = write_reports(outcomes, chosen, out)
     failed = sum(1 for o in outcomes if o.error)
+    # An index already in --out keeps its other checkpoints wherever their results are cached.
+    known = {c.id: c for c in reg.checkpoints()}
+    earlier = [known[i] for i in indexed_checkpoints(out) if i in known and i not in {c.id for c in checkpoints}]
+    kept = [o for o in (cached_outcome(reg, ck, chosen, cache=ResultCache(cache), config=config) for ck in earlier) if o]
+    if earlier:
+        dropped = len(earlier) - len(kept)
+        err_console.print(f"note: the index in {out} keeps {len(kept)} checkpoint(s) of its earlier runs"
+                          + (f"; {dropped} more are left out (their results for these analyses and settings "
+                             "are not cached)" if dropped else ""))
+    if kept:
+        outcomes = sorted(outcomes + kept, key=lambda o: (o.checkpoint.run, o.checkpoint.global_step, o.checkpoint.id))
+    files = write_reports(outcomes, chosen, out)
     err_console.print(f"{len(outcomes) - failed} analysed, {failed} failed; "
                       f"wrote {files.index_html} and {files.index_md}")
     if failed:

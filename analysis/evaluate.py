@@ -20,11 +20,11 @@ import typer
 
 import train.generate as gen
 from analysis.cache import DEFAULT_ROOT, ResultCache, atomic_write_text, weights_fingerprint
-from analysis.selection import (SELECTION_OPTIONS, CheckpointSelection, checkpoints_cast, parse_steps, split_ids,
+from analysis.selection import (SELECTION_OPTIONS, CheckpointSelection, checkpoints_cast, open_selection,
                                 with_option_groups)
 from train.data import parse_people, write_parquet
-from train.evaluate import (EVAL_SEED, EvalConfig, EvalError, eval_puzzles, evaluate_model, make_config,
-                            puzzle_set_hash, summarize)
+from train.evaluate import (EVAL_SEED, GENERATION_COLUMNS, EvalConfig, EvalError, eval_puzzles, evaluate_model,
+                            make_config, puzzle_set_hash, summarize)
 from train.kk import Puzzle
 from train.models import ModelLoadError, check_model_folder, load_model_and_tokenizer, load_tokenizer
 
@@ -48,9 +48,23 @@ def registry_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "mode": summary["config"]["mode"],
         "k": summary["k"],
         "n_per_size": summary["config"]["n_per_size"],
+        "n_puzzles": summary["n_puzzles"],
+        "people": [int(n) for n in summary["sizes"]],
+        "max_new_tokens": summary["config"]["max_new_tokens"],
         "seed": summary["config"]["seed"],
         "data": "external" if summary["config"]["external"] else "heldout",
     }
+
+
+def _size(entry: Any) -> int:
+    """How many answers an evaluation summary rests on (0 for none or an unreadable one)."""
+    if not isinstance(entry, dict):
+        return 0
+    n = entry.get("n_puzzles") or entry.get("n_per_size") or 0
+    try:
+        return int(n) * int(entry.get("k") or 1)
+    except (TypeError, ValueError):
+        return 0
 
 
 def evaluate_checkpoint(registry: Any, ck: Any, config: EvalConfig, cache: ResultCache, *,
@@ -72,14 +86,14 @@ def evaluate_checkpoint(registry: Any, ck: Any, config: EvalConfig, cache: Resul
     puzzle_hash = puzzle_set_hash(puzzles)
     sidecar = cache.sidecar(ck.id, ANALYSIS, params, ".parquet")
     hit = cache.get(ck.id, ANALYSIS, params)
-    if (hit is not None and hit.get("weights") == fingerprint and hit.get("puzzle_set") == puzzle_hash
-            and sidecar.exists()):
-        import pandas as pd
-
+    kept_generations = None
+    if (isinstance(hit, dict) and hit.get("weights") == fingerprint and hit.get("puzzle_set") == puzzle_hash):
+        kept_generations = _read_generations(sidecar)
+    if kept_generations is not None:
         # Summaries are recomputed from the kept generations, so a cached evaluation gains
         # whatever `summarize` has learnt to report since it was run.
-        summary, cached = {**hit, **summarize(pd.read_parquet(sidecar), config.k)}, True
-    else:
+        summary, cached = {**hit, **summarize(kept_generations, config.k)}, True
+    else:                                  # nothing cached, or a torn sidecar: evaluate again
         backend = gen.resolve_backend(config.backend, path)
         if backend == "vllm":
             model, tokenizer = str(path), load_tokenizer(path, ck.id)
@@ -92,19 +106,45 @@ def evaluate_checkpoint(registry: Any, ck: Any, config: EvalConfig, cache: Resul
                    "global_step": ck.global_step, "run": ck.run, "stage": ck.stage}
         cache.put(ck.id, ANALYSIS, params, summary)
         cached = False
-    registry.update(ck.id, eval=registry_summary(summary))
-    return {**summary, "cached": cached}
+    new = registry_summary(summary)
+    old = getattr(registry.get(ck.id), "eval", None)
+    kept = _size(old) > _size(new)
+    if not kept:       # a smaller evaluation never replaces a larger one in ckpts.yaml
+        registry.update(ck.id, eval=new)
+    return {**summary, "cached": cached, "registry_kept": old if kept else None}
+
+
+def _read_generations(path: Path):
+    """A generations sidecar as a DataFrame, or None when it is missing, torn or foreign."""
+    import pandas as pd
+
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_parquet(path)
+    except Exception:                      # pyarrow raises several types for torn or foreign bytes
+        return None
+    return frame if set(GENERATION_COLUMNS) <= set(frame.columns) else None
 
 
 def load_generations(cache: ResultCache, ckpt_id: str, config: EvalConfig):
     """The kept generations of a cached evaluation, as a DataFrame (GENERATION_COLUMNS)."""
-    import pandas as pd
-
-    path = cache.sidecar(ckpt_id, ANALYSIS, config.cache_params(), ".parquet")
-    if not path.exists():
-        raise EvalError(f"no kept generations for checkpoint {ckpt_id} with these settings; "
+    frame = _read_generations(cache.sidecar(ckpt_id, ANALYSIS, config.cache_params(), ".parquet"))
+    if frame is None:
+        raise EvalError(f"no kept generations (or none readable) for checkpoint {ckpt_id} with these settings; "
                         f"run `python -m analysis eval --ids {ckpt_id}` first")
-    return pd.read_parquet(path)
+    return frame
+
+
+def _earlier_results(path: Path, config: EvalConfig) -> list[dict[str, Any]]:
+    """The summaries of an earlier eval.json made with the same settings ([] otherwise)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if earlier.get("config") != json.loads(json.dumps(config.cache_params(), default=str)):
+            return []
+        return [r for r in earlier.get("checkpoints", []) if isinstance(r, dict) and "checkpoint" in r]
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 # --------------------------------------------------------------------------- published comparison
@@ -226,17 +266,16 @@ def eval_command(
     skipped (exit code 1 at the end)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from train.cli import err_console
-    from train.registry import Registry
+    from train.cli import check_output_folder, err_console
 
     config = make_config(people=parse_people(people), n_per_size=n_per_size, seed=seed, mode=mode,
                          k=k, temperature=temperature, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, prompt_style=prompt_style, external=external,
                          train_data=train_data, backend=backend)
-    reg = Registry(selection.registry)
-    checkpoints = reg.select(run=selection.run, stage=selection.stage, every=selection.every,
-                             steps=parse_steps(selection.steps, error=EvalError, name="--steps"),
-                             ids=split_ids(selection.ids))
+    check_output_folder(out, "--out")
+    check_output_folder(cache, "--cache")
+    reg, checkpoints = open_selection(selection)
+    reg.check_writable()              # summaries go into ckpts.yaml: fail now, not after the work
     if external is None:
         config = config.model_copy(update={"fixed_cast": checkpoints_cast(reg, checkpoints)})
     puzzles = eval_puzzles(config)
@@ -264,9 +303,18 @@ def eval_command(
                     f"{summary['roles_accuracy']:.3f} format errors "
                     f"{summary['format_error_rate']:.3f} length {summary['mean_response_tokens']:.0f}"
                     f"{' (cached)' if summary['cached'] else ''}")
+                if summary["registry_kept"]:
+                    bar.console.print(f"note: {reg.path} keeps {ck.id}'s larger evaluation "
+                                      f"({_size(summary['registry_kept'])} answers) instead of this one")
             bar.advance(task)
 
     out.mkdir(parents=True, exist_ok=True)
+    # Rows of an earlier call with the same settings stay in the comparison.
+    earlier = [r for r in _earlier_results(out / "eval.json", config)
+               if r.get("checkpoint") not in {x["checkpoint"] for x in results}]
+    if earlier:
+        err_console.print(f"note: {out}/eval.json keeps {len(earlier)} checkpoint(s) evaluated earlier with these settings")
+    results = earlier + results
     table = comparison_table(results)
     atomic_write_text(out / "comparison.md", "# K&K accuracy by number of people\n\n" + comparison_markdown(table))
     comparison_figure(table, out / "comparison.png")

@@ -27,6 +27,7 @@ import contextlib
 import gc
 import hashlib
 import importlib
+import inspect
 import json
 import pkgutil
 from dataclasses import asdict, dataclass, field, fields
@@ -162,11 +163,12 @@ def load_model(path: str | Path, *, ckpt_id: str | None = None, device: str = "a
     a problem is a one-line ModelLoadError naming the checkpoint."""
     from nnsight import TransformersModel
 
-    from train.models import load_tokenizer, pick_device, pick_dtype, vocab_problem
+    from train.models import check_tokenizer_fits, load_tokenizer, pick_device, pick_dtype, vocab_problem
 
     path = Path(path)
     name = ckpt_id or str(path)
     tokenizer = load_tokenizer(path, name)
+    check_tokenizer_fits(path, tokenizer, name)
     device = pick_device(device)
     kwargs = {"device_map": device} if device != "cpu" else {}
     try:
@@ -174,7 +176,7 @@ def load_model(path: str | Path, *, ckpt_id: str | None = None, device: str = "a
                                attn_implementation="eager", dtype=pick_dtype(dtype, device), **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"{name}: cannot load the weights from {path} ({first_line(exc)})") from None
-    problem = vocab_problem(lm._module, tokenizer)
+    problem = vocab_problem(lm._module.get_input_embeddings().weight.shape[0], len(tokenizer))
     if problem:
         del lm
         release_memory()
@@ -290,10 +292,36 @@ def get_analysis(name: str, **options: Any) -> Analysis:
         load_plugins()
     if name not in _ANALYSES:
         raise HarnessError(f"unknown analysis {name!r}; available: {', '.join(available_analyses()) or 'none'}")
+    cls = _ANALYSES[name]
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise HarnessError(f"--set {name}.{unknown[0]}: {name} has no such option "
+                           f"({', '.join(p for p in params if p != 'self')})")
+    options = {k: _checked_option(name, k, v, params[k].default if k in params else None)
+               for k, v in options.items()}
     try:
-        return _ANALYSES[name](**options)
-    except TypeError as exc:
-        raise HarnessError(f"analysis {name!r}: bad options {sorted(options)} ({exc})") from None
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise HarnessError(f"analysis {name!r}: bad options {sorted(options)} ({first_line(exc)})") from None
+
+
+def _checked_option(analysis: str, option: str, value: Any, default: Any) -> Any:
+    """An option value of the type of its default (a count may not be negative); one line otherwise."""
+    where = f"--set {analysis}.{option}={value!r}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise HarnessError(f"{where}: expected true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HarnessError(f"{where}: expected an integer")
+        if value < 0 and option != "seed":
+            raise HarnessError(f"{where}: must be 0 or more")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HarnessError(f"{where}: expected a number")
+        value = float(value)
+    return value
 
 
 # --------------------------------------------------------------------------- context
@@ -394,6 +422,8 @@ def _from_evaluation(ctx: AnalysisContext) -> list[dict] | None:
             params, summary = record["params"], record["result"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        if not isinstance(params, dict) or not isinstance(summary, dict):
+            continue
         greedy = params.get("mode") == "greedy"
         same_decoding = (greedy and g.temperature == 0) or (
             not greedy and g.temperature == params.get("temperature") and g.top_p == params.get("top_p")
@@ -428,8 +458,9 @@ def load_or_generate(ctx: AnalysisContext) -> list[dict]:
 
     params = generation_params(ctx.fingerprint, ctx.config)
     hit = ctx.cache.get(ctx.checkpoint.id, GENERATIONS, params)
-    if hit is not None:
-        return hit
+    if (isinstance(hit, list) and len(hit) == len(ctx.puzzles)
+            and all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in hit)):
+        return hit                         # anything else in the file counts as missing
     records = _from_evaluation(ctx)
     if records is None:
         g = ctx.config.generation
@@ -464,26 +495,41 @@ def analysis_params(analysis: Analysis, fingerprint: str, config: HarnessConfig)
     return params
 
 
-def analyse_checkpoint(registry: Registry, ck: Checkpoint, analyses: Sequence[Analysis], *,
-                       cache: ResultCache, config: HarnessConfig = HarnessConfig(),
-                       progress: Any = None) -> CheckpointOutcome:
-    """Run the analyses missing from the cache on one checkpoint (see module doc)."""
+def _from_cache(registry: Registry, ck: Checkpoint, analyses: Sequence[Analysis], cache: ResultCache,
+                config: HarnessConfig) -> tuple[CheckpointOutcome, list[Analysis], dict, str]:
+    """(outcome with the cached results, analyses still missing, cache keys, weights fingerprint)."""
     outcome = CheckpointOutcome(checkpoint=ck)
     path = registry.resolve(ck)
     if not path.is_dir():
         outcome.error = f"{ck.id}: checkpoint folder {path} does not exist"
-        return outcome
+        return outcome, [], {}, ""
     fingerprint = weights_fingerprint(path)
     keys = {a.name: analysis_params(a, fingerprint, config) for a in analyses}
     missing = []
     for a in analyses:
         hit = cache.get(ck.id, a.name, keys[a.name])
-        if hit is None:
-            missing.append(a)
-        else:
+        if isinstance(hit, dict):
             outcome.results[a.name] = hit
-    if not missing:
+        else:                              # missing, or a foreign file: computed again
+            missing.append(a)
+    return outcome, missing, keys, fingerprint
+
+
+def cached_outcome(registry: Registry, ck: Checkpoint, analyses: Sequence[Analysis], *, cache: ResultCache,
+                   config: HarnessConfig = HarnessConfig()) -> CheckpointOutcome | None:
+    """The outcome of `analyses` on `ck` when every result is cached (nothing is computed), else None."""
+    outcome, missing, _, _ = _from_cache(registry, ck, analyses, cache, config)
+    return None if outcome.error or missing else outcome
+
+
+def analyse_checkpoint(registry: Registry, ck: Checkpoint, analyses: Sequence[Analysis], *,
+                       cache: ResultCache, config: HarnessConfig = HarnessConfig(),
+                       progress: Any = None) -> CheckpointOutcome:
+    """Run the analyses missing from the cache on one checkpoint (see module doc)."""
+    outcome, missing, keys, fingerprint = _from_cache(registry, ck, analyses, cache, config)
+    if outcome.error or not missing:
         return outcome
+    path = registry.resolve(ck)
 
     ctx = AnalysisContext(checkpoint=ck, path=path, model=None, tokenizer=None,
                           puzzles=puzzle_set(config.puzzles), config=config, cache=cache,

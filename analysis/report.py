@@ -290,11 +290,29 @@ def index_report(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analy
     return html_path, md_path, csv_path
 
 
+MANIFEST = "index.json"       # which checkpoints and analyses an index covers
+
+
+def indexed_checkpoints(out_dir: str | Path) -> list[str]:
+    """The checkpoint ids an existing index in `out_dir` covers ([] for none or an unreadable one)."""
+    import json
+
+    try:
+        ids = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8")).get("checkpoints", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [i for i in ids if isinstance(i, str)]
+
+
 def write_reports(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analysis],
                   out_dir: str | Path) -> ReportFiles:
-    """Per-checkpoint pages for every outcome with results, then the index."""
+    """Per-checkpoint pages for every outcome with results, then the index (and its manifest)."""
+    import json
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = {o.checkpoint.id: checkpoint_report(o, analyses, out_dir) for o in outcomes if o.results}
     index_html, index_md, csv_path = index_report(outcomes, analyses, out_dir, pages)
+    atomic_write_text(out_dir / MANIFEST, json.dumps({"checkpoints": [o.checkpoint.id for o in outcomes],
+                                                      "analyses": [a.name for a in analyses]}, indent=1) + "\n")
     return ReportFiles(index_html=index_html, index_md=index_md, trends_csv=csv_path, pages=pages)

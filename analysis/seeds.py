@@ -112,7 +112,7 @@ def behaviour_shares(texts: Sequence[str], names: Sequence[Sequence[str]]) -> di
     for text, who in zip(texts, names):
         found = classify_response(text, list(who), rules)
         for key in hits:
-            hits[key] += key in found.behaviours
+            hits[key] += bool(found.present.get(key))
         think = text.split("</think>")[0]
         for line in (ln for ln in think.splitlines() if ln.strip()):
             lines += 1
@@ -290,7 +290,7 @@ def seeds_command(
     metrics at the base and each stage end."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from train.cli import err_console
+    from train.cli import check_output_folder, err_console
     from train.data import parse_people
 
     try:
@@ -298,8 +298,15 @@ def seeds_command(
                                  n_per_size=n_per_size, max_new_tokens=max_new_tokens, temperature=temperature)
     except ValueError as exc:
         raise EvalError(f"seeds: {str(exc).splitlines()[-1]}") from None
+    check_output_folder(out, "--out")
+    check_output_folder(cache, "--cache")
+    reg = Registry(registry)
+    reg.check_path()
+    if not reg.path.is_file():
+        raise SeedStudyError(f"--registry {reg.path}: does not exist")
+    reg.check_writable()              # evaluation summaries go into it
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
-        result = run_study(Registry(registry), config, runs_dir, ResultCache(cache), out, progress=bar)
+        result = run_study(reg, config, runs_dir, ResultCache(cache), out, progress=bar)
     print(study_markdown(result))
     err_console.print(f"wrote {out}/seeds.md, seeds.json, seeds.png")

@@ -124,9 +124,11 @@ def open_selection(chosen: CheckpointSelection) -> tuple[Registry, list[Checkpoi
     """The registry the command line's selection options name (it must exist) and the
     checkpoints they select."""
     registry = Registry(chosen.registry)
+    registry.check_path()
     if not registry.path.exists():
         raise SelectionError(f"registry {registry.path} does not exist")
-    return registry, select_checkpoints(registry, run=chosen.run, stage=chosen.stage, steps=chosen.steps,
+    steps = parse_steps(chosen.steps, error=SelectionError, name="--steps")
+    return registry, select_checkpoints(registry, run=chosen.run, stage=chosen.stage, steps=steps,
                                         every=chosen.every, ids=chosen.ids)
 
 
@@ -137,10 +139,21 @@ def checkpoints_cast(registry: Registry, checkpoints: Sequence[Checkpoint]) -> b
     from train.models import fixed_cast
 
     paths = {ck.id: registry.resolve(ck) for ck in checkpoints}
-    worlds = {k: fixed_cast(p) for k, p in paths.items() if (p / "config.json").is_file()}
+    worlds = {k: fixed_cast(p) for k, p in paths.items() if _readable_config(p)}
     if len(set(worlds.values())) > 1:
         fixed = [k for k, v in worlds.items() if v]
         other = [k for k, v in worlds.items() if not v]
         raise SelectionError(f"the selection mixes fixed-cast checkpoints ({fixed[0]}, ...) with others "
                            f"({other[0]}, ...); select one run")
     return next(iter(worlds.values()), False)
+
+
+def _readable_config(folder: Path) -> bool:
+    """Whether `folder` has a config.json that parses as a JSON object; other folders are left
+    to fail on their own, in one line, when they are loaded."""
+    import json
+
+    try:
+        return isinstance(json.loads((folder / "config.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False

@@ -392,6 +392,9 @@ class VerifyProbAnalysis(Analysis):
                  seed: int = 0, own: bool = True):
         self.max_points, self.phrase_points, self.max_tokens = int(max_points), int(phrase_points), int(max_tokens)
         self.n_boot, self.seed, self.own = int(n_boot), int(seed), bool(own)
+        if self.max_points < 1 or self.phrase_points < 0 or self.max_tokens < 8 or self.n_boot < 1:
+            raise VerifyProbError("verify_prob options: max_points >= 1, phrase_points >= 0, max_tokens >= 8, "
+                                  "n_boot >= 1")
 
     def params(self) -> dict:
         return {"max_points": self.max_points, "phrase_points": self.phrase_points, "max_tokens": self.max_tokens,

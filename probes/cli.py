@@ -22,7 +22,7 @@ import typer
 from analysis.cache import DEFAULT_ROOT
 from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig, size_spec
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
-from train.cli import err_console, run_app
+from train.cli import check_output_folder, err_console, run_app
 
 app = typer.Typer(help="Linear probes on hidden states across checkpoints.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -68,6 +68,8 @@ def run_command(
     from probes.plugin import ProbesAnalysis
     from probes.targets import TARGETS
 
+    check_output_folder(out, "--out")
+    check_output_folder(cache, "--cache")
     reg, checkpoints = open_selection(selection)
     chosen = [t for item in targets for t in item.split(",")] or list(TARGETS)
     analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,

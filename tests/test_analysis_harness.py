@@ -132,7 +132,7 @@ def test_probe_set_is_fixed_and_the_head_of_evaluations_heldout_set():
 def test_unknown_analysis_and_bad_options():
     with pytest.raises(HarnessError, match="unknown analysis 'nope'"):
         get_analysis("nope")
-    with pytest.raises(HarnessError, match="bad options"):
+    with pytest.raises(HarnessError, match="no such option"):
         get_analysis("verify_prob", colour="red")
 
 

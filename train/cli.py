@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import typer
@@ -72,3 +74,18 @@ def parse_sets(items: Sequence[str], option: str = "--set") -> list[tuple[str, A
             raise UserError(f"{option} {item!r}: the value is not valid YAML ({problem})") from None
         out.append((key, value))
     return out
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> None:
+    """One line, before any work, unless `path` is (or can become) a writable folder:
+    not a file, nor under one, nor in a folder this user cannot write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{option} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: {probe} is not writable")

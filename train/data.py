@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 from train.kk import (MAX_PEOPLE, MIN_PEOPLE, GeneratorConfig, Puzzle, PuzzleError, PuzzleGenerator,
                       make_puzzle, parse_statements, statement_types)
+from train.cli import check_output_folder
 from train.errors import UserError
 from train.prompts import SYSTEM_PROMPT, chat_messages, raw_prompt
 
@@ -212,19 +213,34 @@ def dataset_paths(out: Path, people: int) -> dict[str, Path]:
     return {s: out / f"{people}ppl" / f"{s}.parquet" for s in SPLITS}
 
 
+def existing_sizes(root: Path) -> list[int]:
+    """The sizes a data root already holds files for (its `<N>ppl/*.parquet`)."""
+    if not root.is_dir():
+        return []
+    return sorted({int(d.name.removesuffix("ppl")) for d in root.glob("*ppl")
+                   if d.is_dir() and d.name.removesuffix("ppl").isdigit() and any(d.glob("*.parquet"))})
+
+
 def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: int = 100,
           seed: int = 0, prompt_style: str = "chat", progress: bool = True,
-          fixed_cast: bool = False) -> BuildSummary:
+          fixed_cast: bool = False, replace: bool = False) -> BuildSummary:
     """Generate every size, write `<out>/<N>ppl/{train,test}.parquet` and `summary.json`.
 
     Disjointness holds across all sizes and splits. All files are written to a staging
-    folder first and moved into place only when every size succeeded.
+    folder first and moved into place only when every size succeeded. A folder that already
+    holds a data root is refused unless `replace`; then the whole root is replaced, so its
+    summary always describes its files.
     """
     from rich.progress import Progress
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: data root exists and is not a folder")
+    check_output_folder(out, "--out")
+    if n_train + n_test == 0:
+        raise DataError("--train and --test are both 0: nothing to build")
+    held = existing_sizes(out)
+    if (held or (out / "summary.json").exists()) and not replace:
+        raise DataError(f"--out {out}: already holds a data root ({', '.join(f'{n}ppl' for n in held) or 'summary.json'}); "
+                        "choose another folder, or pass --force to replace it whole")
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -248,6 +264,8 @@ def build(out: str | Path, people: Sequence[int], n_train: int = 900, n_test: in
                         for s in p.statements:
                             types.update(statement_types(s))
                 counts[n] = {s: len(v) for s, v in sets.items()}
+        for n in held:                         # the old root goes whole: no size of another build stays
+            shutil.rmtree(out / f"{n}ppl", ignore_errors=True)
         files = []
         for n in people:
             for split, path in dataset_paths(out, n).items():
@@ -285,7 +303,7 @@ def ensure_built(root: str | Path, people: Sequence[int], n_train: int = 900, n_
         return
     built = sorted({int(d.name.removesuffix("ppl")) for d in root.glob("*ppl") if d.is_dir()} | set(people)) \
         if root.exists() else sorted(set(people))
-    build(root, built, n_train, n_test, seed, prompt_style, progress=progress, fixed_cast=fixed_cast)
+    build(root, built, n_train, n_test, seed, prompt_style, progress=progress, fixed_cast=fixed_cast, replace=True)
 
 
 def load_split(root: str | Path, people: Sequence[int], split: str) -> list[Puzzle]:
@@ -299,13 +317,24 @@ def load_split(root: str | Path, people: Sequence[int], split: str) -> list[Puzz
     return out
 
 
-def import_file(src: str | Path, out: str | Path, prompt_style: str = "chat") -> Path:
-    """Re-solve an external K&K file and write it in our schema to `<out>/<N>ppl/<split>.parquet`."""
+def import_file(src: str | Path, out: str | Path, prompt_style: str = "chat", replace: bool = False) -> Path:
+    """Re-solve an external K&K file and write it in our schema to `<out>/<N>ppl/<split>.parquet`.
+
+    A generated data root (it has a summary.json) is refused: its summary would no longer
+    describe its files. An existing file of the same size and split is replaced only with
+    `replace`."""
+    out = Path(out)
+    check_output_folder(out, "--out")
+    if (out / "summary.json").exists():
+        raise DataError(f"--out {out}: is a generated data root (summary.json); import into another folder")
     puzzles = read_puzzles(src)
     by_size: dict[tuple[int, str], list[Puzzle]] = collections.defaultdict(list)
     split_guess = "test" if "test" in Path(src).stem else "train"
     for p in puzzles:
         by_size[(p.people, p.split or split_guess)].append(p)
+    clash = [p for (n, split) in sorted(by_size) if (p := out / f"{n}ppl" / f"{split}.parquet").exists()]
+    if clash and not replace:
+        raise DataError(f"--out {out}: {clash[0].relative_to(out)} exists; pass --force to replace it")
     written = []
     for (n, split), ps in sorted(by_size.items()):
         path = Path(out) / f"{n}ppl" / f"{split}.parquet"
@@ -336,11 +365,12 @@ def _cli():
                   seed: int = typer.Option(0, help="generator seed"),
                   prompt_style: str = typer.Option("chat", help="chat (messages) or raw (pre-filled <think>)"),
                   fixed_cast: bool = typer.Option(False, help="people are the first names of the "
-                                                  "name list, in order (the kk-tiny world)")):
+                                                  "name list, in order (the kk-tiny world)"),
+                  force: bool = typer.Option(False, help="replace a data root already at --out, whole")):
         """Generate disjoint train/test parquet files per size, plus summary.json."""
         if prompt_style not in ("chat", "raw"):
-            raise DataError(f"unknown prompt style {prompt_style!r}: use chat or raw")
-        s = build(out, parse_people(people), train, test, seed, prompt_style, fixed_cast=fixed_cast)
+            raise DataError(f"--prompt-style {prompt_style!r}: use chat or raw")
+        s = build(out, parse_people(people), train, test, seed, prompt_style, fixed_cast=fixed_cast, replace=force)
         err_console.print(f"wrote {len(s.files)} files under {out}")
         for n, c in s.counts.items():
             err_console.print(f"  {n} people: {c['train']} train, {c['test']} test")
@@ -349,9 +379,12 @@ def _cli():
 
     @app.command("import")
     def import_cmd(src: Path, out: Path = typer.Option(..., help="output folder"),
-                   prompt_style: str = typer.Option("chat")):
+                   prompt_style: str = typer.Option("chat"),
+                   force: bool = typer.Option(False, help="replace files of the same size and split")):
         """Re-solve an external K&K file (reference parquet or K&K jsonl) and write it in our schema."""
-        import_file(src, out, prompt_style)
+        if prompt_style not in ("chat", "raw"):
+            raise DataError(f"--prompt-style {prompt_style!r}: use chat or raw")
+        import_file(src, out, prompt_style, replace=force)
         err_console.print(f"imported {src} -> {out}")
 
     run_app(app)

@@ -153,6 +153,8 @@ def run_segment(job: SegmentJob) -> str:
         remove_unused_columns=False,
     )
     metrics_file = job.run_dir / "metrics.jsonl"
+    # A resumed segment replays the steps after its last checkpoint: their earlier records go.
+    drop_metrics_after(metrics_file, seg.start_step + job.done_steps)
     last = {"id": job.parent_id}
     validate = _validator(sched, seg, tokenizer, fixed_cast(job.init_path)) if seg.eval_every else None
 
@@ -211,6 +213,24 @@ def _validator(sched: Schedule, seg: Segment, tokenizer, fixed_cast: bool, n_per
         return {"val_accuracy": s["accuracy"], "val_format_error": s["format_error_rate"]}
 
     return run
+
+
+def drop_metrics_after(metrics_file: Path, step: int) -> None:
+    """Rewrite `metrics_file` without the records of global steps after `step` (and without
+    lines torn by a kill)."""
+    if not metrics_file.is_file():
+        return
+    kept = []
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("global_step", 0) <= step:
+            kept.append(line)
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, metrics_file)
 
 
 def _r(v: float) -> float:

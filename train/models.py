@@ -299,13 +299,23 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
     return torch.float32
 
 
-def vocab_problem(model: Any, tokenizer: Any) -> str | None:
-    """Why the tokenizer does not fit the model's embedding, or None when it does."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    n_tok = len(tokenizer)
-    if n_tok > rows or rows - n_tok > max(VOCAB_SLACK, rows // 100):
-        return f"the tokenizer has {n_tok} tokens but the model embeds {rows}: they do not belong together"
+def vocab_problem(rows: int, n_tokens: int) -> str | None:
+    """Why a tokenizer of `n_tokens` does not fit an embedding of `rows`, or None when it does."""
+    if n_tokens > rows or rows - n_tokens > max(VOCAB_SLACK, rows // 100):
+        return f"the tokenizer has {n_tokens} tokens but the model embeds {rows}: they do not belong together"
     return None
+
+
+def check_tokenizer_fits(folder: Path, tokenizer: Any, name: str | None = None) -> None:
+    """One line when config.json's vocabulary size does not fit the tokenizer: the cheap check,
+    before any weight is read (the loaders check the loaded embedding again)."""
+    try:
+        rows = int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    problem = vocab_problem(rows, len(tokenizer))
+    if problem:
+        raise ModelLoadError(f"{name or folder}: {problem}")
 
 
 def load_tokenizer(path: str | os.PathLike, name: str | None = None):
@@ -332,6 +342,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, *, name: str | None = None
 
     folder = Path(path) if Path(path).exists() or str(path) not in PRESETS else resolve_model(path, build=False)
     tok = load_tokenizer(folder, name)
+    check_tokenizer_fits(folder, tok, name)
     device = pick_device(device)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
@@ -339,7 +350,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, *, name: str | None = None
                                                      **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"{name or folder}: cannot load the weights from {folder} ({first_line(exc)})") from None
-    problem = vocab_problem(model, tok)
+    problem = vocab_problem(model.get_input_embeddings().weight.shape[0], len(tok))
     if problem:
         raise ModelLoadError(f"{name or folder}: {problem}")
     return model.to(device).eval(), tok

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from train.errors import UserError, validation_problem
 
@@ -70,6 +70,15 @@ class Checkpoint(BaseModel):
     timestamp: str | None = None
     engine: str | None = None
 
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, v: str) -> str:
+        # Ids become folder names of the result cache: no part may leave it.
+        parts = v.replace("\\", "/").split("/")
+        if not v.strip() or v.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts) or "\0" in v:
+            raise ValueError(f"{v!r} is not a safe checkpoint id (no empty, '.' or '..' part, not absolute)")
+        return v
+
     def resolved_path(self, registry_file: Path) -> Path:
         p = Path(self.path).expanduser()
         return p if p.is_absolute() else (registry_file.parent / p)
@@ -98,6 +107,12 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _yaml():
     from ruamel.yaml import YAML
 
@@ -118,10 +133,16 @@ class Registry:
         from ruamel.yaml.comments import CommentedMap, CommentedSeq
         from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+        self.check_path()
         if not self.path.exists():
             doc = _yaml().load(HEADER + "checkpoints: []\n")
             return doc
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RegistryError(f"{self.path}: not a text file (not UTF-8); a registry is YAML") from None
+        except OSError as exc:
+            raise RegistryError(f"{self.path}: cannot read it ({exc.strerror})") from None
         try:
             doc = _yaml().load(text)
         except MarkedYAMLError as exc:
@@ -201,9 +222,32 @@ class Registry:
             raise RegistryError(f"{self.path}: no checkpoint matches run={run} stage={stage} steps={lo}..{hi}")
         return cks
 
+    def check_path(self) -> None:
+        """One line when the registry path cannot be a registry file."""
+        if self.path.is_dir():
+            raise RegistryError(f"{self.path}: is a folder; a registry is a YAML file (e.g. {self.path / DEFAULT_REGISTRY})")
+        parent = self.path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            raise RegistryError(f"{self.path}: {parent} is a file, not a folder")
+
+    def check_writable(self) -> None:
+        """One line, before any work, when this registry cannot be written: a read-only file,
+        or a folder where its lock and temporary files cannot be made."""
+        self.check_path()
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RegistryError(f"{self.path}: cannot be written ({folder} is not writable)")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise RegistryError(f"{self.path}: is read-only; make it writable or choose another --registry")
+
     # ---------------------------------------------------------------- writing
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        self.check_writable()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = self.path.with_name("." + self.path.name + ".lock")
         with open(lock, "w") as fh:
@@ -218,6 +262,8 @@ class Registry:
         _yaml().dump(doc, buf)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.name, suffix=".tmp")
         try:
+            mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o666 & ~_umask()
+            os.chmod(tmp, mode)                # the rewrite keeps the file's mode
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(buf.getvalue())
                 fh.flush()

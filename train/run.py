@@ -254,6 +254,7 @@ def _main(target: str, sched: Schedule, reg: Registry, engine_choice: str, runs_
             print_plan(sched, plan(sched, stage))
         err_console.print(f"base model: preset {sched.preset}; registry {reg.path}; outputs {runs_dir / sched.run}")
         return
+    reg.check_writable()              # fail now, not after the data build or the first segment
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.time()
     if stage == "base":

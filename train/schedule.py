@@ -69,6 +69,16 @@ class Stage(_Strict):
     eval_every: int = Field(0, ge=0, description="periodic validation interval (0 = off)")
     seed: int = 0
 
+    @field_validator("people")
+    @classmethod
+    def _people_in_range(cls, v: list[int]) -> list[int]:
+        from train.kk import MAX_PEOPLE, MIN_PEOPLE
+
+        bad = [n for n in v if not MIN_PEOPLE <= n <= MAX_PEOPLE]
+        if bad:
+            raise ValueError(f"number of people {bad[0]} is outside {MIN_PEOPLE}..{MAX_PEOPLE}")
+        return v
+
     @field_validator("temperature")
     @classmethod
     def _t_positive(cls, v: Ramp) -> Ramp:
