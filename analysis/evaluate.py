@@ -22,8 +22,8 @@ import train.generate as gen
 from analysis.cache import DEFAULT_ROOT, ResultCache, atomic_write_text, weights_fingerprint
 from analysis.selection import (SELECTION_OPTIONS, CheckpointSelection, checkpoints_cast, open_selection,
                                 with_option_groups)
-from train.data import parse_people, write_parquet
-from train.evaluate import (EVAL_SEED, GENERATION_COLUMNS, EvalConfig, EvalError, eval_puzzles, evaluate_model,
+from train.data import parse_people, size_spec, write_parquet
+from train.evaluate import (GENERATION_COLUMNS, EvalConfig, EvalError, eval_puzzles, evaluate_model,
                             make_config, puzzle_set_hash, summarize)
 from train.kk import Puzzle
 from train.models import ModelLoadError, check_model_folder, load_model_and_tokenizer, load_tokenizer
@@ -243,21 +243,26 @@ def comparison_figure(df, path: str | Path, max_lines: int = 8) -> Path:
 
 # --------------------------------------------------------------------------- command
 
+def _default(name: str) -> Any:
+    """EvalConfig's default for a field: each default is written once, in the config class."""
+    return EvalConfig.model_fields[name].get_default(call_default_factory=True)
+
+
 @with_option_groups
 def eval_command(
     selection: CheckpointSelection = SELECTION_OPTIONS,
-    people: str = typer.Option("2-8", help="puzzle sizes: 3, 2-8 or 3,5,7"),
-    n_per_size: int = typer.Option(100, min=1, help="puzzles per size"),
-    mode: str = typer.Option("greedy", help="greedy, or sampled (T=1.0 as the reference)"),
-    k: int = typer.Option(1, min=1, help="samples per puzzle for pass@k (sampled mode)"),
-    temperature: float = typer.Option(1.0, help="sampling temperature in sampled mode"),
-    max_new_tokens: int = typer.Option(1024, min=1, help="response length limit"),
-    batch_size: int = typer.Option(16, min=1, help="generation batch size"),
-    prompt_style: str = typer.Option("chat", help="chat, or raw (pre-filled <think>)"),
-    seed: int = typer.Option(EVAL_SEED, help="held-out set seed"),
+    people: str = typer.Option(size_spec(_default("people")), help="puzzle sizes: 3, 2-8 or 3,5,7"),
+    n_per_size: int = typer.Option(_default("n_per_size"), min=1, help="puzzles per size"),
+    mode: str = typer.Option(_default("mode"), help="greedy, or sampled (T=1.0 as the reference)"),
+    k: int = typer.Option(_default("k"), min=1, help="samples per puzzle for pass@k (sampled mode)"),
+    temperature: float = typer.Option(_default("temperature"), help="sampling temperature in sampled mode"),
+    max_new_tokens: int = typer.Option(_default("max_new_tokens"), min=1, help="response length limit"),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="generation batch size"),
+    prompt_style: str = typer.Option(_default("prompt_style"), help="chat, or raw (pre-filled <think>)"),
+    seed: int = typer.Option(_default("seed"), help="held-out set seed"),
     external: Optional[Path] = typer.Option(None, help="reference data root (<N>ppl/test.parquet) instead of held-out sets"),
     train_data: Optional[Path] = typer.Option(None, help="training data root whose puzzles are excluded"),
-    backend: str = typer.Option("auto", help="auto, transformers or vllm"),
+    backend: str = typer.Option(_default("backend"), help="auto, transformers or vllm"),
     out: Path = typer.Option(Path("reports/eval"), help="folder for eval.json, comparison.md, comparison.png"),
     cache: Path = typer.Option(DEFAULT_ROOT, help="result cache folder"),
 ) -> None:

@@ -40,6 +40,7 @@ from analysis.cache import ResultCache, weights_fingerprint
 from train.evaluate import EVAL_SEED
 from analysis.selection import OptionGroup
 from train.errors import UserError
+from train.data import parse_people, size_spec
 from train.kk import Puzzle
 from train.models import ModelLoadError, first_line
 from train.registry import Checkpoint, Registry
@@ -93,16 +94,7 @@ def _default(cls: type, name: str) -> Any:
     return next(f.default for f in fields(cls) if f.name == name)
 
 
-def size_spec(sizes: Sequence[int]) -> str:
-    """(3, 4, 5) -> "3-5"; (3, 5) -> "3,5" (what `train.data.parse_people` reads back)."""
-    sizes = sorted(sizes)
-    contiguous = len(sizes) > 2 and sizes == list(range(sizes[0], sizes[-1] + 1))
-    return f"{sizes[0]}-{sizes[-1]}" if contiguous else ",".join(map(str, sizes))
-
-
 def _puzzle_set(puzzles_per_size: int, puzzle_sizes: str, puzzle_seed: int) -> PuzzleSetConfig:
-    from train.data import parse_people
-
     return PuzzleSetConfig(sizes=tuple(parse_people(puzzle_sizes)), per_size=puzzles_per_size, seed=puzzle_seed)
 
 

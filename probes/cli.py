@@ -20,7 +20,8 @@ from typing import Optional
 import typer
 
 from analysis.cache import DEFAULT_ROOT
-from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig, size_spec
+from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig
+from train.data import size_spec
 from analysis.selection import SELECTION_OPTIONS, CheckpointSelection, with_option_groups
 from train.cli import check_output_folder, err_console, run_app
 

@@ -312,7 +312,7 @@ def write_comparison(entries: Sequence[ComparisonEntry], out_dir: str | Path, *,
             files.probes.append(dest)
     if files.probes:
         md += ["", "## Saved probes", "",
-               f"All-row fits per checkpoint, target and layer under `probes/<checkpoint>/<target>/layer-XX.npz` "
+               "All-row fits per checkpoint, target and layer under `probes/<checkpoint>/<target>/layer-XX.npz` "
                "(+ `.json` metadata); read one with `probes.fit.load_probe(path)`."]
     summary["per_checkpoint"] = {e.checkpoint: e.result for e in entries}
     atomic_write_text(files.summary, "\n".join(md) + "\n")

@@ -98,6 +98,13 @@ def parse_people(spec: str | Sequence[int]) -> list[int]:
     return sorted(set(sizes))
 
 
+def size_spec(sizes: Sequence[int]) -> str:
+    """(3, 4, 5) -> "3-5"; (3, 5) -> "3,5" (what `train.data.parse_people` reads back)."""
+    sizes = sorted(sizes)
+    contiguous = len(sizes) > 2 and sizes == list(range(sizes[0], sizes[-1] + 1))
+    return f"{sizes[0]}-{sizes[-1]}" if contiguous else ",".join(map(str, sizes))
+
+
 # --------------------------------------------------------------------------- records
 
 def to_rl_row(p: Puzzle, index: int, prompt_style: str = "chat", tokenizer=None) -> dict:
