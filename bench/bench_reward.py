@@ -6,6 +6,9 @@ Builds a seeded corpus of ~1.5k-character responses (correct, wrong, unparseable
 format-broken, 3-7 people), checks that both scorers give the same verdicts, then reports
 responses scored per second (best of 3 passes, time.perf_counter) and the speed-up. Each
 response has its own puzzle, so the solution text is parsed once per response (no cache hits).
+Then the same kinds of response with 100x longer thinking (~150k characters): characters scored
+per second against the short corpus's, which stays near 1 when scoring is linear in the length
+(the reward has no character cap; the engine's token limit bounds a response).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def thinking(rng: random.Random, names: list[str], target_chars: int) -> str:
     return " ".join(parts)
 
 
-def make_corpus(n: int, seed: int) -> list[tuple[str, str]]:
+def make_corpus(n: int, seed: int, think_chars: tuple[int, int] = (1200, 1600)) -> list[tuple[str, str]]:
     """(response, solution text) pairs: 40% correct, 25% wrong, 15% unparseable, 20% broken."""
     rng = random.Random(seed)
     corpus = []
@@ -54,7 +57,7 @@ def make_corpus(n: int, seed: int) -> list[tuple[str, str]]:
         names = rng.sample(NAMES, rng.randint(3, 7))
         roles = [rng.random() < 0.5 for _ in names]
         truth = solution_text(names, roles)
-        think = thinking(rng, names, rng.randint(1200, 1600))
+        think = thinking(rng, names, rng.randint(*think_chars))
         kind = rng.random()
         answer = truth
         if 0.40 <= kind < 0.65:
@@ -85,8 +88,6 @@ def naive_baseline_score(response: str, truth: str) -> float:
     for line in truth.split("\n"):
         m = re.match(r"\((\d+)\)\s*(.+?)\s+is\s+a\s+(knight|knave)", line.strip(), re.IGNORECASE)
         people.append((m.group(2), m.group(3).lower() == "knight"))
-    if len(response) > 20000:
-        return -3.0
     text = re.sub(r"(?:\s*(?:<\|im_end\|>|<\|endoftext\|>|</s>|<\|eot_id\|>))*\s*$", "", response)
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
         if len(re.findall(re.escape(tag), text)) != 1:
@@ -155,6 +156,15 @@ def main() -> None:
     print(f"score_response (cached parse) {warm:>9,.0f} responses/s")
     print(f"naive baseline                {naive:>9,.0f} responses/s")
     print(f"speed-up over baseline (cold) {ours / naive:>9.1f}x")
+
+    n_long = max(1, args.n // 100)
+    long_corpus = make_corpus(n_long, args.seed, think_chars=(120_000, 160_000))
+    long_mean = sum(len(r) for r, _ in long_corpus) / len(long_corpus)
+    short_cps = rate(lambda r, t: score_response(r, t), corpus) * mean_chars
+    long_cps = rate(lambda r, t: score_response(r, t), long_corpus) * long_mean
+    print(f"length scaling: {short_cps / 1e6:.1f}M chars/s at {mean_chars:,.0f} chars, "
+          f"{long_cps / 1e6:.1f}M chars/s at {long_mean:,.0f} chars ({n_long} responses): "
+          f"ratio {long_cps / short_cps:.2f}")
 
 
 if __name__ == "__main__":

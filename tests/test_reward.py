@@ -90,7 +90,7 @@ def test_config_is_frozen_documented_and_strict():
     assert DEFAULT == RewardConfig()
     assert (DEFAULT.format_ok, DEFAULT.format_bad, DEFAULT.answer_correct, DEFAULT.answer_wrong,
             DEFAULT.answer_unparseable, DEFAULT.prefilled_think, DEFAULT.max_chars) == (
-        1.0, -1.0, 2.0, -1.5, -2.0, False, 20000)
+        1.0, -1.0, 2.0, -1.5, -2.0, False, None)
     with pytest.raises(ValidationError):
         DEFAULT.format_ok = 5.0
     with pytest.raises(ValidationError):
@@ -103,6 +103,8 @@ def test_config_is_frozen_documented_and_strict():
 
 def test_max_chars():
     response = wrap(GOOD, think="x" * 500)
+    assert DEFAULT.max_chars is None  # no cap unless asked: the engine's token limit bounds responses
+    assert score_response(wrap(GOOD, think="x" * 10**6), SOLUTION)["score"] == 3.0
     assert score_response(response, SOLUTION, RewardConfig(max_chars=len(response)))["score"] == 3.0
     short = RewardConfig(max_chars=len(response) - 1)
     assert score_response(response, SOLUTION, short) == score_response("", SOLUTION)
@@ -199,7 +201,8 @@ ADVERSARIAL = [
     ("correct_eot_id", wrap(GOOD, after="<|eot_id|>"), C),
     ("correct_two_end_tokens", wrap(GOOD, after="<|im_end|><|endoftext|>"), C),
     ("correct_nul_in_think", wrap(GOOD, think="a\x00b\x1bc"), C),
-    ("correct_near_limit", wrap(GOOD, think="x" * (20000 - len(wrap(GOOD, think="")))), C),
+    # A 4,096-token response of a 7B preset runs past 20,000 characters; it earns its credit.
+    ("correct_long_7b_response", wrap(GOOD, think="Assume Amelia is a knight. " * 1200), C),
     ("correct_answer_also_in_think", wrap(GOOD, think=f"Draft: {FLIPPED}"), C),
     # Parsed but wrong.
     ("wrong_one_role", wrap(FLIPPED), W),
@@ -267,8 +270,8 @@ ADVERSARIAL = [
     ("only_think", f"<think>{THINK}</think>", M),
     ("only_answer", f"<answer>{GOOD}</answer>", M),
     ("prefilled_style_without_flag", f"{THINK}</think><answer>{GOOD}</answer>", M),
-    ("huge_output_1mb", wrap(GOOD, think="I am thinking. " * 70000), M),
-    ("over_limit_by_one", wrap(GOOD, think="x" * (20001 - len(wrap(GOOD, think="")))), M),
+    # A runaway generation is cut at the token limit, so its closing tag is missing.
+    ("huge_output_1mb_truncated", wrap(GOOD, think="I am thinking. " * 70000)[:-len("</answer>")], M),
 ]
 
 
@@ -538,11 +541,13 @@ def test_trl_reward_funcs_score_each_completion_once(monkeypatch):
 
 def test_trl_reward_funcs_odd_completions_do_not_raise():
     funcs = make_trl_reward_funcs()
-    huge = wrap(GOOD, think="x" * 1_000_000)
-    completions = [None, [], [{"role": "assistant"}], [{"role": "assistant", "content": None}], 7, huge]
+    truncated = wrap(GOOD, think="x" * 1_000_000)[:-len("</answer>")]
+    completions = [None, [], [{"role": "assistant"}], [{"role": "assistant", "content": None}], 7, truncated]
     columns = {"solution_text_format": [SOLUTION_TEXT] * 6}
     assert call_like_trl(funcs[0], completions, **columns) == [-3.0] * 6
     assert call_like_trl(funcs[2], completions, **columns) == [1.0] * 6
+    # a long, finished response is judged like a short one (outside the verdict cache)
+    assert call_like_trl(funcs[0], [wrap(GOOD, think="x" * 1_000_000)], solution_text_format=[SOLUTION_TEXT]) == [3.0]
 
 
 def test_lenient_roles_reads_the_last_answer_whatever_the_format():

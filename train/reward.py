@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,15 +60,18 @@ class RewardConfig(BaseModel):
     prefilled_think: bool = Field(
         False, description="The prompt ends with `<think>`: the response must not repeat it."
     )
-    max_chars: int = Field(
-        20000,
+    max_chars: Optional[int] = Field(
+        None,
         gt=0,
-        description="Responses longer than this many characters count as format broken, so a "
-        "runaway generation cannot earn credit and scoring time stays bounded.",
+        description="Responses longer than this many characters count as format broken. None "
+        "(default): no cap; the engine's response limit (in tokens) bounds the text, a truncated "
+        "response has no closing tag, and scoring is linear in the length.",
     )
 
 
 DEFAULT = RewardConfig()
+# Responses up to this many characters share the TRL adapter's per-batch verdict cache.
+_CACHED_CHARS = 20000
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -173,7 +176,7 @@ def _strip_end(text: str) -> str:
 
 def _answer_block(response: str, config: RewardConfig) -> str | None:
     """The text inside <answer></answer> when the format is ok, else None."""
-    if not isinstance(response, str) or len(response) > config.max_chars:
+    if not isinstance(response, str) or (config.max_chars is not None and len(response) > config.max_chars):
         return None
     text = _strip_end(response)
     if config.prefilled_think:
@@ -342,7 +345,7 @@ def make_trl_reward_funcs(config: RewardConfig = DEFAULT) -> list[Callable[..., 
         return result["score"], result["answer"], result["format_ok"]
 
     # TRL calls the five functions one after another on the same batch; this cache makes the
-    # last four free. Over-long responses are judged instantly and kept out of it (memory).
+    # last four free. Long responses are judged directly and kept out of it (memory).
     judge_cached = lru_cache(maxsize=4096)(judge)
 
     def judge_batch(completions: list[Any], kwargs: dict[str, Any]) -> list[tuple[float, str, bool]]:
@@ -358,7 +361,7 @@ def make_trl_reward_funcs(config: RewardConfig = DEFAULT) -> list[Callable[..., 
             text = _completion_text(completion)
             if not isinstance(text, str):
                 text = None  # judged as missing; keeps unhashable values out of the cache
-            too_long = text is not None and len(text) > config.max_chars
+            too_long = text is not None and len(text) > _CACHED_CHARS
             out.append((judge if too_long else judge_cached)(text, solution))
         return out
 
