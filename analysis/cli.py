@@ -2,8 +2,10 @@
 
     python -m analysis report --run kk-tiny --stage stage2,stage3 --every 2
     python -m analysis report --ids kk-tiny/stage1/step-000010 --analyses behaviours
+    python -m analysis report --run qwen-rl --ray auto --device cuda     # one Ray task per checkpoint
     python -m analysis eval --run kk-tiny --people 3-7
     python -m analysis seeds --run kk-tiny --seeds 0,1,2
+    python -m analysis add /ckpt/qwen-rl --run qwen-rl
     python -m analysis list
 """
 
@@ -16,6 +18,7 @@ from typing import Any, Optional
 
 import typer
 
+from analysis.add import add_command
 from analysis.cache import DEFAULT_ROOT
 from analysis.evaluate import eval_command
 from analysis.harness import GENERATION_OPTIONS, PUZZLE_SET_OPTIONS, GenerationConfig, PuzzleSetConfig
@@ -25,6 +28,7 @@ from train.cli import check_output_folder, err_console, parse_sets, run_app
 
 app = typer.Typer(help="Checkpoint-by-checkpoint analysis of what RL changed: reports and evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("add")(add_command)
 app.command("eval")(eval_command)
 app.command("seeds")(seeds_command)
 
@@ -57,6 +61,9 @@ def report_command(
     plugin: list[str] = typer.Option([], help="extra module registering analyses (repeatable)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="one Ray task per checkpoint: local (start Ray here), "
+                                      "auto or a cluster address"),
+    ray_cpus: int = typer.Option(1, min=1, help="CPUs per Ray task (on CPU; a CUDA task asks for one GPU)"),
 ) -> None:
     """Analyse checkpoints and write a report per checkpoint plus an index with trends.
     Results are cached; a rerun computes only what is missing. A checkpoint that cannot be
@@ -86,8 +93,16 @@ def report_command(
                            generation=generation, device=device, dtype=dtype)
 
     with outcome_display(err_console, lambda o: ", ".join(o.computed) if o.computed else "all cached") as (bar, note):
-        outcomes = analyse_checkpoints(reg, checkpoints, chosen, cache=ResultCache(cache), config=config,
-                                       progress=bar, on_outcome=note)
+        if ray is None:
+            outcomes = analyse_checkpoints(reg, checkpoints, chosen, cache=ResultCache(cache), config=config,
+                                           progress=bar, on_outcome=note)
+        else:
+            from analysis.fanout import analyse_on_ray
+
+            specs = [(n, options.get(n, {})) for n in names]
+            outcomes = analyse_on_ray(reg, checkpoints, specs, plugins=plugin, cache=ResultCache(cache),
+                                      config=config, address=ray, cpus_per_task=ray_cpus, progress=bar,
+                                      on_outcome=note)
     failed = sum(1 for o in outcomes if o.error)
     # An index already in --out keeps its other checkpoints wherever their results are cached.
     known = {c.id: c for c in reg.checkpoints()}

@@ -3,7 +3,8 @@ each other. Read from the source with `ast` (imports inside functions included),
 upward arrow or circle fails here before it grows.
 
     task      train.kk, train.data, train.reward, train.prompts, train.errors, train.cli
-    models    train.models, train.layout, train.generate, train.evaluate, train.registry
+    models    train.models, train.layout, train.generate, train.evaluate, train.registry,
+              train.checkpoint_folders
     on top    training (train.schedule, train.engine*, train.run, train.plots), the organism
               (train.organism.*), analysis.*, probes.* (a plug-in of the analysis harness)
 """
@@ -18,7 +19,8 @@ from tests.conftest import REPO
 PACKAGES = ("train", "analysis", "probes")
 LAYERS = {
     "task": {"train.kk", "train.data", "train.reward", "train.prompts", "train.errors", "train.cli", "train"},
-    "models": {"train.models", "train.layout", "train.generate", "train.evaluate", "train.registry"},
+    "models": {"train.models", "train.layout", "train.generate", "train.evaluate", "train.registry",
+               "train.checkpoint_folders"},
     "training": {"train.schedule", "train.engine", "train.engine_trl", "train.engine_verl", "train.run",
                  "train.plots"},
 }

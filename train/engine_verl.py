@@ -21,7 +21,8 @@ veRL's layout, per segment (`runs/<run>/verl/<stage>-seg<k>/`):
 
 A step folder counts as complete once the tracker names N or a later step. Its HF folder is
 `actor/huggingface` when it holds weights, else `actor/hf_merged`, produced by
-`python -m verl.model_merger merge --backend fsdp`.
+`python -m verl.model_merger merge --backend fsdp` (`train.checkpoint_folders`, which `python -m analysis add`
+shares).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -40,17 +40,14 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from train.checkpoint_folders import VERL_STEP_DIR, verl_hf_folder, verl_latest_step
 from train.engine import SegmentJob, base_id, checkpoint_id
 from train.errors import UserError, validation_problem
 from train.registry import Checkpoint, Registry
 from train.schedule import Schedule, Segment, plan
 
 MAIN_PPO = ("-m", "verl.trainer.main_ppo")
-TRACKER = "latest_checkpointed_iteration.txt"   # verl/trainer/ppo/v1/trainer_base.py::_save_checkpoint
-STEP_DIR = re.compile(r"^global_step_(\d+)$")
-SHARD = "model_world_size_{w}_rank_{r}.pt"       # verl/utils/checkpoint/fsdp_checkpoint_manager.py
 METRICS_FILE = "metrics.jsonl"
-MERGED = "hf_merged"
 
 # veRL metric keys -> our metric names (the TRL engine's, where they exist).
 VERL_METRICS = {
@@ -358,52 +355,6 @@ def compile_plan(sched: Schedule, target: str, registry: Registry, runs_dir: Pat
 
 # --------------------------------------------------------------------------- checkpoints
 
-def latest_checkpointed(out_dir: Path) -> int | None:
-    """The step veRL last finished saving (its tracker file), or None."""
-    try:
-        return int((Path(out_dir) / TRACKER).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _has_weights(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (
-        any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
-        or any(folder.glob("pytorch_model*.bin")))
-
-
-def _shards_complete(actor: Path) -> bool:
-    try:
-        world = json.loads((actor / "fsdp_config.json").read_text())["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all((actor / SHARD.format(w=world, r=r)).is_file() for r in range(world))
-
-
-def hf_folder(actor: Path, python: str = sys.executable, log: Path | None = None) -> Path | None:
-    """The HF folder of a finished `global_step_N/actor`: veRL's own, else merged from the shards."""
-    actor = Path(actor)
-    if _has_weights(actor / "huggingface"):
-        return actor / "huggingface"
-    merged = actor / MERGED
-    if _has_weights(merged):
-        return merged
-    if not _shards_complete(actor):
-        return None
-    tmp = actor / (MERGED + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-           "--local_dir", str(actor), "--target_dir", str(tmp)]
-    with open(log or os.devnull, "a") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not _has_weights(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise VerlError(f"{actor}: veRL's model merger failed (exit {proc.returncode})"
-                        + (f"; see {log}" if log else ""))
-    os.replace(tmp, merged)
-    return merged
-
-
 def _metrics_files(out_dir: Path) -> list[Path]:
     """veRL's metric logs of a segment, oldest first (earlier launches were rotated aside)."""
     rotated = sorted(Path(out_dir).glob("metrics.*.jsonl"), key=lambda p: int(p.name.split(".")[1])
@@ -444,11 +395,11 @@ def register_verl_checkpoints(registry: Registry, sched: Schedule, seg: Segment,
     logged them). A step counts once veRL's tracker names it or a later step.
     """
     out_dir = Path(out_dir)
-    latest = latest_checkpointed(out_dir)
+    latest = verl_latest_step(out_dir)
     if latest is None:
         return []
     steps = sorted(int(m.group(1)) for p in out_dir.glob("global_step_*")
-                   if (m := STEP_DIR.match(p.name)) and int(m.group(1)) <= min(latest, seg.steps))
+                   if (m := VERL_STEP_DIR.match(p.name)) and int(m.group(1)) <= min(latest, seg.steps))
     known = {c.id: c for c in registry.checkpoints()}
     metrics = read_verl_metrics(out_dir)
     ids, parent = [], parent_id
@@ -460,7 +411,7 @@ def register_verl_checkpoints(registry: Registry, sched: Schedule, seg: Segment,
             if m and not known[ck_id].metrics:
                 registry.update(ck_id, metrics=m)
         else:
-            folder = hf_folder(step_dir(out_dir, n) / "actor", python, log=out_dir / "merge.log")
+            folder = verl_hf_folder(step_dir(out_dir, n) / "actor", python, log=out_dir / "merge.log")
             if folder is None:
                 continue  # a non-FSDP layout or a partial copy: nothing we can load
             final = n == seg.steps
