@@ -305,6 +305,9 @@ def seeds_command(
     if not reg.path.is_file():
         raise SeedStudyError(f"--registry {reg.path}: does not exist")
     reg.check_writable()              # evaluation summaries go into it
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one weight-loading bar per checkpoint would drown the display
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         result = run_study(reg, config, runs_dir, ResultCache(cache), out, progress=bar)

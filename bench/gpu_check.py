@@ -127,7 +127,8 @@ def main() -> None:
         results["analyses"][name] = r
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     lines = [f"# GPU check: {results['device']}, torch {results['torch']}", "",
-             f"GRPO ({args.steps} steps, 4 prompts x 8 responses, 256 tokens, bf16): "
+             f"GRPO ({args.steps} steps, 4 prompts x 8 responses, 256 tokens, "
+             f"{'bf16' if torch.cuda.is_available() else 'fp32'}): "
              f"{per_step:.2f} s/step, {results['grpo']['generated_tokens_per_s']:.0f} generated tokens/s, "
              f"peak {grpo.get('peak_bytes', 0) / 2**30:.2f} GiB", "",
              "| phase | wall s | x bare forward | peak GiB |", "| --- | --- | --- | --- |",
