@@ -15,8 +15,9 @@ setup:
 
 demo: setup
 	$(PY) -m train.run stage3 --schedule $(SCHEDULE)
-	$(PY) -m analysis eval --run $(RUN) --stage base,stage1,stage2,stage3 --people 3,5 --n-per-size 25 --max-new-tokens 640
-	$(PY) -m analysis report --run $(RUN) --every 2 --puzzle-sizes 3,5 --puzzles-per-size 8 --max-new-tokens 640
+	$(PY) -m analysis eval --run $(RUN) --every 2 --people 3,5 --n-per-size 25 --max-new-tokens 640
+	$(PY) -m analysis report --run $(RUN) --every 4 --puzzle-sizes 3,5 --puzzles-per-size 8 --max-new-tokens 640 \
+		--set probes.n_permutations=20 --set probes.control_draws=2
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
