@@ -73,15 +73,11 @@ def test_verl_experiment_with_hf_and_sharded_steps(tmp_path, tiny_ckpt):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.test_verl_engine import FSDP_WRITER, _free_port
+    from tests.test_verl_engine import write_fsdp_checkpoints
 
     exp = tmp_path / "checkpoints" / "kk-qwen"
     exp.mkdir(parents=True)
-    script = tmp_path / "writer.py"
-    script.write_text(FSDP_WRITER)
-    proc = subprocess.run([sys.executable, str(script), str(tiny_ckpt), str(exp), _free_port()],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    write_fsdp_checkpoints(tmp_path, tiny_ckpt, exp)
     r = add(exp, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     reg = Registry(tmp_path / "ckpts.yaml")

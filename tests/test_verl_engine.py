@@ -329,6 +329,15 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def write_fsdp_checkpoints(tmp_path, src, out) -> None:
+    """global_step_1..3/actor under `out`, written by veRL's FSDPCheckpointManager (FSDP_WRITER)."""
+    script = tmp_path / "writer.py"
+    script.write_text(FSDP_WRITER)
+    proc = subprocess.run([sys.executable, str(script), str(src), str(out), _free_port()],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_fsdp_checkpoints_register_and_load(tmp_path, tiny_ckpt):
     import torch
@@ -338,11 +347,7 @@ def test_fsdp_checkpoints_register_and_load(tmp_path, tiny_ckpt):
     seg = plan(sched, "stage2")[1]                           # stage2: global steps 2 -> 4
     out = segment_dir(tmp_path / "runs" / "tiny", seg)
     out.mkdir(parents=True)
-    script = tmp_path / "writer.py"
-    script.write_text(FSDP_WRITER)
-    proc = subprocess.run([sys.executable, str(script), str(tiny_ckpt), str(out), _free_port()],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    write_fsdp_checkpoints(tmp_path, tiny_ckpt, out)
     actor1, actor2 = out / "global_step_1" / "actor", out / "global_step_2" / "actor"
     assert (actor1 / "model_world_size_1_rank_0.pt").is_file() and (actor1 / "fsdp_config.json").is_file()
     assert (actor1 / "huggingface" / "model.safetensors").is_file()            # hf_model saved
