@@ -1,7 +1,8 @@
 """Checkpoints analysed as Ray tasks: `python -m analysis report ... --ray [ADDRESS]`.
 
 Each checkpoint is one independent task (`analysis.harness.analyse_checkpoint`) with its
-resource request: one GPU when the analyses run on CUDA, `--ray-cpus` CPUs otherwise. Every
+resource request: one GPU when the analyses run on CUDA, `--ray-cpus` CPUs otherwise. A task
+runs with the driver's torch thread count, so its numbers equal the sequential run's exactly. Every
 task writes the same result cache (each checkpoint's results go to its own folder, and every
 write is atomic), and the driver writes the index once at the end, exactly as a sequential run
 does. A task that fails (a bad checkpoint, or a worker that dies) is one line; the rest go on.
@@ -31,7 +32,9 @@ def _analyse_on_worker(registry_path: str, ck: Checkpoint, specs: Sequence[tuple
                        threads: int) -> CheckpointOutcome:
     import torch
 
-    torch.set_num_threads(max(1, threads))   # as many threads as CPUs asked for: no oversubscription
+    # The driver's thread count: matmul and SVD sum in the same order, so every number equals
+    # the sequential run's bit for bit (a different count changes the last digits).
+    torch.set_num_threads(threads)
     load_plugins(plugins)
     analyses = [get_analysis(name, **options) for name, options in specs]
     return analyse_checkpoint(Registry(registry_path), ck, analyses, cache=ResultCache(cache_root), config=config)
@@ -77,8 +80,11 @@ def analyse_on_ray(registry: Registry, checkpoints: Sequence[Checkpoint], specs:
         task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus, max_retries=0)(_analyse_on_worker)
         bar = progress.add_task(f"analysing on Ray ({len(checkpoints)} tasks)", total=len(checkpoints)) \
             if progress is not None else None
+        import torch
+
+        threads = torch.get_num_threads()
         refs = {task.remote(str(registry.path.resolve()), ck, list(specs), list(plugins),
-                            str(Path(cache.root).resolve()), config, cpus_per_task): ck for ck in checkpoints}
+                            str(Path(cache.root).resolve()), config, threads): ck for ck in checkpoints}
         outcomes: dict[str, CheckpointOutcome] = {}
         pending = list(refs)
         while pending:
