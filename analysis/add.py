@@ -23,7 +23,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from train.checkpoint_folders import VERL_STEP_DIR, CheckpointFolderError, FoundCheckpoint, find_checkpoints
+from train.checkpoint_folders import CheckpointFolderError, FoundCheckpoint, find_checkpoints, verl_step_dir
 from train.cli import check_output_folder, err_console
 from train.errors import UserError
 from train.models import ModelLoadError, check_tokenizer_fits, first_line, load_tokenizer
@@ -42,10 +42,8 @@ class Addition:
 def run_name(path: Path) -> str:
     """The run a path's checkpoints belong to: a veRL step's experiment, else the folder's name."""
     path = path.resolve()
-    for level in (path, path.parent, path.parent.parent):
-        if VERL_STEP_DIR.match(level.name):
-            return level.parent.name
-    return path.name
+    step = verl_step_dir(path)
+    return step.parent.name if step is not None else path.name
 
 
 def stored_dtype(folder: Path) -> str:

@@ -53,10 +53,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         f"{exc.strerror or exc})") from None
 
 
-def wants_gpu(config: HarnessConfig) -> bool:
-    return config.device.startswith("cuda")
-
-
 def analyse_on_ray(registry: Registry, checkpoints: Sequence[Checkpoint], specs: Sequence[tuple[str, dict]], *,
                    plugins: Sequence[str], cache: ResultCache, config: HarnessConfig, address: str,
                    cpus_per_task: int = 1, progress: Any = None,
@@ -76,7 +72,7 @@ def analyse_on_ray(registry: Registry, checkpoints: Sequence[Checkpoint], specs:
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"--ray {address}: cannot start or join Ray ({first_line(exc)})") from None
     try:
-        gpus = 1 if wants_gpu(config) else 0
+        gpus = 1 if config.device.startswith("cuda") else 0
         task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus, max_retries=0)(_analyse_on_worker)
         bar = progress.add_task(f"analysing on Ray ({len(checkpoints)} tasks)", total=len(checkpoints)) \
             if progress is not None else None

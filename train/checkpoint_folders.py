@@ -100,7 +100,7 @@ def _verl_step(step_dir: Path, step: int, python: str) -> FoundCheckpoint:
     return FoundCheckpoint(folder, step, "verl")
 
 
-def _verl_step_dir(path: Path) -> Path | None:
+def verl_step_dir(path: Path) -> Path | None:
     """The global_step_N folder when `path` is it, its actor/ or its actor/huggingface/."""
     if path.name == "huggingface" and path.parent.name == "actor":
         path = path.parent.parent
@@ -119,7 +119,7 @@ def find_checkpoints(path: str | os.PathLike, python: str = sys.executable) -> l
         raise CheckpointFolderError(f"{path}: does not exist")
     if not path.is_dir():
         raise CheckpointFolderError(f"{path}: is a file, not a checkpoint folder")
-    given_step = _verl_step_dir(path)
+    given_step = verl_step_dir(path)
     if given_step is not None:
         return [_verl_step(given_step, int(VERL_STEP_DIR.match(given_step.name).group(1)), python)]
     if (path / "config.json").is_file():
