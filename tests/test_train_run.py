@@ -179,3 +179,24 @@ def test_a_base_registered_elsewhere_is_repointed_until_the_run_has_checkpoints(
     assert r.returncode == 2 and "tiny/base is registered at /elsewhere" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert (tmp_path / "ckpts.yaml").read_text() == before
+
+
+def test_a_run_resumes_from_the_default_relative_registry(tmp_path, tiny_ckpt, monkeypatch):
+    """`--registry ckpts.yaml` (the default) stores the base relative to the registry; resuming
+    compares it with the preset's absolute folder, not its relative spelling."""
+    import shutil
+
+    from train.registry import Checkpoint
+    from train.run import ensure_base
+    from train.schedule import load_schedule
+
+    shutil.copytree(tiny_ckpt, tmp_path / "base")
+    sched = load_schedule(write_schedule(tmp_path, tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
+    reg = Registry("ckpts.yaml")
+    base = ensure_base(sched, reg, path=tmp_path / "base")
+    assert not Path(reg.get(base.id).path).is_absolute()
+    reg.add(Checkpoint(id=f"{sched.run}/stage1/step-000001", path="base", run=sched.run, stage="stage1",
+                       global_step=1, parent=base.id))
+    assert ensure_base(sched, reg, path=tmp_path / "base").id == base.id
+    assert len(reg.checkpoints()) == 2

@@ -38,7 +38,7 @@ def ensure_base(sched: Schedule, registry: Registry, progress: bool = True,
                       global_step=0, preset=sched.preset, engine="base")
     cks = registry.checkpoints()
     old = next((c for c in cks if c.id == base.id), None)
-    if old is None or registry.resolve(old) == path.resolve():
+    if old is None or registry.resolve(old).resolve() == path.resolve():
         return registry.add(base)
     # The base entry points elsewhere (another machine's model cache, a rebuilt organism).
     # Re-point it while the run has no trained checkpoint; after that it is their parent.
