@@ -47,6 +47,8 @@ def run_command(
     at: str = typer.Option("all", help="kinds of decision point probed, comma-separated: step_start, "
                            "before_think_end (the position before </think>), after_conclusion; or all"),
     max_tokens: int = typer.Option(4096, min=8, help="longest prompt + response read"),
+    batch_tokens: int = typer.Option(16384, min=1, help="padded tokens per forward pass of the feature reading "
+                                     "(bounds its memory; 4096 reads one 4k-token response at a time)"),
     folds: int = typer.Option(5, min=2, help="outer cross-validation folds (of puzzles)"),
     permutations: int = typer.Option(100, min=0, help="permutations for the p-value at the best layer"),
     control_draws: int = typer.Option(5, min=1, help="random labellings of each control task, averaged"),
@@ -75,7 +77,7 @@ def run_command(
     chosen = [t for item in targets for t in item.split(",")] or list(TARGETS)
     analysis = ProbesAnalysis(targets=chosen, max_points=max_points, max_tokens=max_tokens, n_splits=folds,
                               n_permutations=permutations, seed=seed, Cs=cs, control_draws=control_draws,
-                              at=at)
+                              at=at, batch_tokens=batch_tokens)
     config = HarnessConfig(puzzles=replace(puzzles, fixed_cast=checkpoints_cast(reg, checkpoints)),
                            generation=generation, device=device, dtype=dtype)
     results_cache = ResultCache(cache)

@@ -291,8 +291,9 @@ def load_features(cache: Any, ckpt_id: str, params: dict) -> FeatureSet | None:
     return FeatureSet(X=X, rows=rows, contexts=record["contexts"], checkpoint=ckpt_id)
 
 
-def features_for(ctx: Any, *, max_points: int = 48, max_tokens: int = 4096) -> FeatureSet:
-    """A harness context's features: from the cache, or extracted now and cached."""
+def features_for(ctx: Any, *, max_points: int = 48, max_tokens: int = 4096, batch_tokens: int = 16384) -> FeatureSet:
+    """A harness context's features: from the cache, or extracted now and cached. `batch_tokens`
+    (padded tokens per forward pass) bounds the memory of the pass, not the features."""
     params = features_params(ctx.fingerprint, ctx.config, max_points=max_points, max_tokens=max_tokens)
     fs = load_features(ctx.cache, ctx.checkpoint.id, params)
     if fs is not None:
@@ -301,6 +302,6 @@ def features_for(ctx: Any, *, max_points: int = 48, max_tokens: int = 4096) -> F
     lm = ctx.require_model()
     fs = extract_features(lm, ctx.tokenizer, ctx.puzzles, generations, prompt_style=ctx.config.generation.prompt_style,
                           max_points=max_points, max_tokens=max_tokens, checkpoint=ctx.checkpoint.id,
-                          progress=ctx.progress)
+                          progress=ctx.progress, batch_tokens=batch_tokens)
     save_features(ctx.cache, ctx.checkpoint.id, params, fs)
     return load_features(ctx.cache, ctx.checkpoint.id, params) or fs

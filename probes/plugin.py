@@ -22,7 +22,7 @@ import numpy as np
 
 from analysis.harness import Analysis, AnalysisContext, analysis_params, register_analysis
 from probes.compare import best_entry, controls_cell, fmt
-from probes.features import features_for
+from probes.features import FeatureError, features_for
 from probes.fit import (FitConfig, bag_of_tokens, binary_metrics, consensus_C, fit_probe, parse_Cs, probe_target,
                         puzzle_fold_map, save_probe)
 from probes.targets import CONTROL_UNITS, KINDS, TARGETS, answer_start, check_kinds, check_targets
@@ -58,12 +58,15 @@ class ProbesAnalysis(Analysis):
     def __init__(self, targets: Sequence[str] | str = TARGETS, max_points: int = 48, max_tokens: int = 4096,
                  n_splits: int = 5, inner_splits: int = 3, n_permutations: int = 100, seed: int = 0,
                  Cs: Sequence[float] | str | None = None, save_probes: bool = True, control_draws: int = 5,
-                 at: Sequence[str] | str = KINDS):
+                 at: Sequence[str] | str = KINDS, batch_tokens: int = 16384):
         if isinstance(targets, str):
             targets = targets.split(",")
         self.targets = check_targets(targets)
         self.at = check_kinds(at)
         self.max_points, self.max_tokens = int(max_points), int(max_tokens)
+        self.batch_tokens = int(batch_tokens)   # memory of the feature pass only: not a parameter of the result
+        if self.batch_tokens < 1:
+            raise FeatureError(f"probes.batch_tokens must be >= 1, got {batch_tokens}")
         grid = parse_Cs(Cs) if Cs is not None else FitConfig.Cs
         self.fit = FitConfig(n_splits=int(n_splits), inner_splits=int(inner_splits),
                              n_permutations=int(n_permutations), seed=int(seed), Cs=grid,
@@ -76,7 +79,7 @@ class ProbesAnalysis(Analysis):
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: AnalysisContext) -> dict:
-        fs = features_for(ctx, max_points=self.max_points, max_tokens=self.max_tokens)
+        fs = features_for(ctx, max_points=self.max_points, max_tokens=self.max_tokens, batch_tokens=self.batch_tokens)
         fold_map = puzzle_fold_map([p.id for p in ctx.puzzles], [p.people for p in ctx.puzzles],
                                    self.fit.n_splits, self.fit.seed)
         result: dict[str, Any] = {

@@ -446,6 +446,34 @@ def seed_generations(reg, cache_root: Path, seed: int, ck_id: str) -> None:
     ResultCache(cache_root).put(ck_id, GENERATIONS, generation_params(weights_fingerprint(path), config), records)
 
 
+def test_batch_tokens_bounds_the_pass_not_the_features(tiny_ckpt, monkeypatch):
+    """`batch_tokens` sets how many sequences share a forward pass (its memory); the features
+    are those of one sequence at a time whatever it is."""
+    from analysis.harness import PuzzleSetConfig, load_model, puzzle_set
+    from probes import features
+
+    lm, tok = load_model(tiny_ckpt)
+    puzzles = puzzle_set(PuzzleSetConfig(sizes=(3,), per_size=3))
+    gens = [{"puzzle_id": p.id, "prompt_style": "chat", "answer": "correct", "correct": True,
+             "text": f"<think>\nAssume {p.names[0]} is a knight. So {p.names[1]} is a knave.\n</think>\n"
+                     f"<answer>\n{p.solution_text_format}\n</answer>"} for p in puzzles]
+    widths = []
+    real = features.read_residuals_batch
+
+    def counting(lm_, seqs, positions, pad_id=0):
+        widths.append(len(seqs))
+        return real(lm_, seqs, positions, pad_id=pad_id)
+
+    monkeypatch.setattr(features, "read_residuals_batch", counting)
+    together = features.extract_features(lm, tok, puzzles, gens)
+    assert widths == [3]
+    widths.clear()
+    longest = max(len(c["ids"]) for c in together.contexts)
+    apart = features.extract_features(lm, tok, puzzles, gens, batch_tokens=longest)
+    assert widths == [1, 1, 1]
+    np.testing.assert_allclose(apart.X, together.X, rtol=1e-5, atol=1e-5)
+
+
 def test_cli_on_two_tiny_checkpoints_writes_its_outputs(tiny_ckpt_pair, registry_path, tmp_path):
     from typer.testing import CliRunner
 
