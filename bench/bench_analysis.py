@@ -64,8 +64,11 @@ class PeakRSS:
 
         self.proc, self.interval = psutil.Process(), interval
 
+    def read(self) -> int:
+        return self.proc.memory_info().rss
+
     def __enter__(self):
-        self.start = self.peak = self.proc.memory_info().rss
+        self.start = self.peak = self.read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -73,13 +76,13 @@ class PeakRSS:
 
     def _sample(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak = max(self.peak, self.read())
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.peak = max(self.peak, self.read())
 
     @property
     def delta_mb(self) -> float:
