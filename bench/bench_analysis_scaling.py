@@ -1,7 +1,7 @@
 """Peak memory and time of every analysis as the model and the response grow, carried to
 Qwen2.5-7B at 4,096 tokens (docs/scaling.md reads the table).
 
-    python bench/bench_analysis_scaling.py          # what docs/data/analysis-scaling.jsonl lacks, then the table
+    python bench/bench_analysis_scaling.py          # what docs/measurements/analysis-scaling.jsonl lacks, then the table
     python bench/bench_analysis_scaling.py --hidden 256 --tokens 512 --out /tmp/one.jsonl   # one size and length
 
 Models: random-initialised Qwen2 with the Qwen2.5 layer structure (grouped-query attention with
@@ -309,7 +309,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, action="append", help=f"hidden sizes (default {HIDDEN})")
     ap.add_argument("--tokens", type=int, action="append", help=f"response lengths (default {TOKENS})")
     ap.add_argument("--analyses", default=",".join([*ANALYSES, *VARIANTS]))
-    ap.add_argument("--out", default="docs/data/analysis-scaling.jsonl",
+    ap.add_argument("--out", default="docs/measurements/analysis-scaling.jsonl",
                     help="measurements (a rerun measures only the points missing from it)")
     ap.add_argument("--models", default=None, help="folder for the random models (default: a temporary one)")
     ap.add_argument("--point", help=argparse.SUPPRESS)
