@@ -32,12 +32,15 @@ class ChangePointError(UserError, ValueError):
 
 def noise_level(values: np.ndarray) -> float:
     """Standard deviation of the noise around a piecewise-constant level, from the median
-    absolute first difference (robust to the shifts themselves); 0 for a constant series."""
+    absolute first difference (robust to the shifts themselves), at least 0.1% of the largest
+    magnitude; 0 for a constant series."""
     diffs = np.abs(np.diff(values))
     sigma = 1.4826 * float(np.median(diffs)) / math.sqrt(2) if len(diffs) else 0.0
-    if sigma == 0 and len(diffs) and diffs.max() > 0:
-        sigma = float(diffs[diffs > 0].min()) * 1e-3    # noiseless steps: any real shift is kept
-    return sigma
+    if not len(diffs) or diffs.max() == 0:
+        return 0.0
+    # A floor of 0.1% of the series' scale: rounding-level wiggles of a flat series are no shift,
+    # and a noiseless step series keeps every shift of 1% or more.
+    return max(sigma, 1e-3 * float(np.abs(values).max()))
 
 
 def level_shifts(steps: Sequence[float], values: Sequence[float], *, penalty: float = DEFAULT_PENALTY,

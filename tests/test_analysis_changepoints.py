@@ -43,6 +43,8 @@ def test_noise_and_constants_rarely_or_never_shift():
 
 def test_noiseless_step_and_bad_settings():
     assert [s["step"] for s in level_shifts(range(10), [0] * 5 + [1] * 5)] == [5]
+    # Rounding-level wiggles of a flat series are no shift.
+    assert level_shifts(range(14), 0.9687 + 1e-7 * np.resize([0, 1, 0, 0, 2, 1, 0], 14)) == []
     with pytest.raises(ChangePointError, match="penalty"):
         level_shifts(range(10), range(10), penalty=0)
 
