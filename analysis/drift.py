@@ -11,10 +11,16 @@ Per parameter tensor, grouped per layer and per module (weight and bias together
 
 * changed fraction: share of entries with |W - W_ref| > atol + rtol * |W_ref| (defaults 0:
   any change; tensors stored in different dtypes are first rounded to the coarser one);
+* changed beyond rounding: share of entries that still differ once both are rounded to the
+  `rounding` dtype (default bfloat16): an update that storage in that dtype would keep;
 * relative update:  ||W - W_ref||_F / ||W_ref||_F;
 * effective rank of the update (2-D weights): exp of the entropy of its normalised singular
   values (Roy & Vetterli), 1 for a rank-1 update, up to min(shape) for an isotropic one;
   means over modules count the updated matrices only.
+
+With `seeds` (e.g. "1,2"), the changed set against the base is compared with that of each
+other seed's run (`<run>-seed<N>`, `train.registry.seed_run`) at the same step: Jaccard index and
+shared fraction, against independent choices at each tensor's own rates (`update_overlap`).
 
 The registry is the one the harness read when the context carries it (`ctx.registry`),
 else the `registry` option, else the `ckpts.yaml` the checkpoint's relative path points
