@@ -197,6 +197,7 @@ class PatchingAnalysis(Analysis):
         ax = fig.subplots()
         im = ax.imshow(grid, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_xticks(range(len(COMPONENTS)), COMPONENTS)
+        ax.set_yticks(range(n_layers))
         ax.set_ylabel("layer")
         ax.set_title(f"share of the {a!r} vs {b!r} difference restored", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
