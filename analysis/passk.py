@@ -219,10 +219,10 @@ class PassAtKAnalysis(Analysis):
         k = result["k"]
         for label, d in result["curves"].items():
             name = "" if label == "all" else f", {label} people"
-            for j in sorted({1, k}):
-                out[f"pass@{j}{name}"] = d["mean"][j - 1]
-                out[f"pass@{j}{name}@lo"] = d["lo"][j - 1]
-                out[f"pass@{j}{name}@hi"] = d["hi"][j - 1]
+            for j in sorted({1, k}):     # "@" separates a label from its band: "pass at k", not "pass@k"
+                out[f"pass at k={j}{name}"] = d["mean"][j - 1]
+                out[f"pass at k={j}{name}@lo"] = d["lo"][j - 1]
+                out[f"pass at k={j}{name}@hi"] = d["hi"][j - 1]
         vs = (result.get("vs_base") or {}).get("by_size", {}).get("all")
         if vs:
             nw = vs["new_solutions"]

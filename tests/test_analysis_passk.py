@@ -74,6 +74,10 @@ def test_passk_plugin_reads_or_caches_the_base_result(tmp_path, tiny_ckpt):
     md, figs = a.report_section(res)
     assert "crossover" in md and len(figs) == 1
     trends = a.trend_metrics(res)
-    assert {"pass@1", "pass@3", "pass@3@lo", "pass@1, 3 people"} <= set(trends)
+    assert {"pass at k=1", "pass at k=3", "pass at k=3@lo", "pass at k=1, 3 people"} <= set(trends)
+    # Every label reaches the trend table (an "@" inside a label would hide it).
+    from analysis.report import trend_frame
+    frame = trend_frame([out], [a])
+    assert {"pass at k=1", "pass at k=3, 4 people"} <= set(frame["metric"])
     with pytest.raises(PassAtKError, match="temperature"):
         get_analysis("passk", temperature=0.0)
