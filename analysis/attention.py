@@ -397,7 +397,7 @@ def _boot(values: Sequence[float], n_boot: int, seed: int) -> dict:
     return {"mean": float(mean), "lo": float(lo), "hi": float(hi), "n": int(len(v))}
 
 
-def _ratio_boot(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> dict:
+def ratio_bootstrap(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> dict:
     """Ratio of sums over units (rows), with a percentile bootstrap over units."""
     ok = np.isfinite(num) & np.isfinite(den)
     num, den = num[ok], den[ok]
@@ -450,7 +450,7 @@ def summarize_traces(per_trace: Sequence[dict], layout: DecoderLayout, *, p: int
         "lift_per_layer": _tolist(_nanmean(share.mean(-1)) / _nanmean(base.mean(-1))) if len(share) else None,
         "share": _boot(pair_share, n_boot, seed),
         "baseline": _boot(pair_base, n_boot, seed),
-        "lift": _ratio_boot(pair_share, pair_base, n_boot, seed),
+        "lift": ratio_bootstrap(pair_share, pair_base, n_boot, seed),
     }
     flat = [(float(kurt_lh[l, h]), l, h) for l in range(L) for h in range(H) if np.isfinite(kurt_lh[l, h])]
     top = sorted(flat, reverse=True)[:n_receivers]

@@ -115,7 +115,9 @@ def report_command(
                              "are not cached)" if dropped else ""))
     if kept:
         outcomes = sorted(outcomes + kept, key=lambda o: (o.checkpoint.run, o.checkpoint.global_step, o.checkpoint.id))
-    files = write_reports(outcomes, chosen, out)
+    from analysis.changepoints import training_frame
+
+    files = write_reports(outcomes, chosen, out, training=training_frame(reg, {o.checkpoint.run for o in outcomes}))
     err_console.print(f"{len(outcomes) - failed} analysed, {failed} failed; "
                       f"wrote {files.index_html} and {files.index_md}")
     if failed:

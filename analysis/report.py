@@ -193,8 +193,11 @@ def stage_boundaries(outcomes: Sequence[CheckpointOutcome]) -> list[tuple[str, i
     return out
 
 
-def trend_figure(frame, boundaries: Sequence[tuple[str, int, str]], ncols: int = 3):
-    """One panel per metric: value over global step, one line per run."""
+def trend_figure(frame, boundaries: Sequence[tuple[str, int, str]], ncols: int = 3, shifts=None, reference=None):
+    """One panel per metric: value over global step, one line per run. `shifts` (a
+    `change_point_table`) marks each metric's own level shifts (red dotted lines, triangles on
+    the curve); `reference` (rows of the same table) shades the reference series' shifts in
+    every panel, so the panels can be read against it."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
@@ -212,6 +215,14 @@ def trend_figure(frame, boundaries: Sequence[tuple[str, int, str]], ncols: int =
             band = part.dropna(subset=["lo", "hi"])
             if len(band):
                 ax.fill_between(band["global_step"], band["lo"], band["hi"], color=colors[run], alpha=0.2)
+        if reference is not None:
+            for step in sorted(set(reference["step"])):
+                ax.axvline(step, color="orange", lw=4, alpha=0.25)
+        if shifts is not None:
+            own = shifts[shifts["metric"] == metric]
+            for _, s in own.iterrows():
+                ax.axvline(s["step"], color="red", ls=":", lw=1.2)
+                ax.plot([s["step"]], [s["after"]], marker="v", color="red", ms=6)
         for run, step, stage in boundaries:
             ax.axvline(step, color="grey", ls="--", lw=0.8)
             ax.text(step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7,
@@ -227,10 +238,15 @@ def trend_figure(frame, boundaries: Sequence[tuple[str, int, str]], ncols: int =
 
 
 def index_report(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analysis], out_dir: str | Path,
-                 pages: dict[str, tuple[Path, Path]]) -> tuple[Path, Path, Path]:
-    """Write `<out>/index.html`, `<out>/index.md` and `<out>/trends.csv`."""
+                 pages: dict[str, tuple[Path, Path]], training=None) -> tuple[Path, Path, Path]:
+    """Write `<out>/index.html`, `<out>/index.md` and `<out>/trends.csv`; with `training` (a
+    `changepoints.training_frame`) also the training curves, and the level shifts of both."""
+    from analysis.changepoints import REFERENCE_METRIC, change_point_markdown, change_point_table
+
     out_dir = Path(out_dir)
     frame = trend_frame(outcomes, analyses)
+    shifts = change_point_table(frame, training)
+    reference = shifts[(shifts["source"] == "training") & (shifts["metric"] == REFERENCE_METRIC)]
     csv_path = out_dir / "trends.csv"
     atomic_write_text(csv_path, frame.to_csv(index=False))
 
@@ -276,14 +292,29 @@ def index_report(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analy
     if failed:
         md += ["## Failed\n"] + [f"- {o.error}" for o in failed] + [""]
         body += ["<h2>Failed</h2><ul>"] + [f'<li class="error">{html.escape(o.error)}</li>' for o in failed] + ["</ul>"]
-    if len(frame):
-        fig = trend_figure(frame, stage_boundaries([o for o in outcomes if not o.error]))
-        png = figure_png(fig)
+    boundaries = stage_boundaries([o for o in outcomes if not o.error])
+    panels = [(frame, shifts[shifts["source"] == "analysis"], "trends",
+               "Trends over global step (dashed lines: stage boundaries; bands: 95% intervals; red dotted lines "
+               f"and triangles: the metric's level shifts; orange: the {REFERENCE_METRIC} shifts of training)")]
+    if training is not None and len(training):
+        panels.append((training.assign(lo=math.nan, hi=math.nan), shifts[shifts["source"] == "training"], "training",
+                       "Training metrics per step (red dotted lines and triangles: level shifts)"))
+    for data, own, name, caption in panels:
+        if not len(data):
+            continue
+        png = figure_png(trend_figure(data, boundaries, shifts=own, reference=reference))
         (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-        (out_dir / "figures" / "trends.png").write_bytes(png)
-        caption = "Trends over global step (dashed lines: stage boundaries; bands: 95% intervals)"
-        md += ["## Trends\n", f"![{caption}](figures/trends.png)\n", "Numbers: [trends.csv](trends.csv)\n"]
-        body += ["<h2>Trends</h2>", _img_html(png, caption), '<p>Numbers: <a href="trends.csv">trends.csv</a></p>']
+        (out_dir / "figures" / f"{name}.png").write_bytes(png)
+        heading = "Trends" if name == "trends" else "Training"
+        md += [f"## {heading}\n", f"![{caption}](figures/{name}.png)\n"]
+        body += [f"<h2>{heading}</h2>", _img_html(png, caption)]
+        if name == "trends":
+            md.append("Numbers: [trends.csv](trends.csv)\n")
+            body.append('<p>Numbers: <a href="trends.csv">trends.csv</a></p>')
+    if len(frame) or (training is not None and len(training)):
+        table = change_point_markdown(shifts)
+        md += ["## Change points\n", table]
+        body += ["<h2>Change points</h2>", markdown_to_html(table)]
     html_path, md_path = out_dir / "index.html", out_dir / "index.md"
     atomic_write_text(html_path, _page(title, "\n".join(body)))
     atomic_write_text(md_path, "\n".join(md) + "\n")
@@ -305,14 +336,15 @@ def indexed_checkpoints(out_dir: str | Path) -> list[str]:
 
 
 def write_reports(outcomes: Sequence[CheckpointOutcome], analyses: Sequence[Analysis],
-                  out_dir: str | Path) -> ReportFiles:
-    """Per-checkpoint pages for every outcome with results, then the index (and its manifest)."""
+                  out_dir: str | Path, training=None) -> ReportFiles:
+    """Per-checkpoint pages for every outcome with results, then the index (and its manifest);
+    `training`: the runs' training metrics (`changepoints.training_frame`) for the index."""
     import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = {o.checkpoint.id: checkpoint_report(o, analyses, out_dir) for o in outcomes if o.results}
-    index_html, index_md, csv_path = index_report(outcomes, analyses, out_dir, pages)
+    index_html, index_md, csv_path = index_report(outcomes, analyses, out_dir, pages, training=training)
     atomic_write_text(out_dir / MANIFEST, json.dumps({"checkpoints": [o.checkpoint.id for o in outcomes],
                                                       "analyses": [a.name for a in analyses]}, indent=1) + "\n")
     return ReportFiles(index_html=index_html, index_md=index_md, trends_csv=csv_path, pages=pages)

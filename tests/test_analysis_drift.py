@@ -1,4 +1,5 @@
-"""Parameter drift: exact zeros, a planted rank-1 update, registry lineage, the plug-in."""
+"""Parameter drift: exact zeros, a planted rank-1 update, registry lineage, the plug-in; update
+sparsity beyond the storage dtype's rounding and the overlap of changed sets between seeds."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.cache import ResultCache
-from analysis.drift import (DriftError, effective_rank, lineage, split_name, tensor_drift,
-                            weight_drift)
+from analysis.drift import (DriftError, changed_mask, effective_rank, lineage, mask_overlap, seed_siblings,
+                            split_name, tensor_drift, update_overlap, weight_drift)
 from analysis.harness import HarnessConfig, PuzzleSetConfig, analyse_checkpoints, get_analysis
 from train.registry import Checkpoint, Registry
 
@@ -136,6 +137,138 @@ def test_drift_plugin_against_base_and_previous(tmp_path, tiny_ckpt):
     assert trends["relative weight update vs base"] > trends["relative weight update vs previous"] > 0
     assert trends["update effective rank vs base"] > 0
     md, figs = a.report_section(res["r/stage1/step-10"])
-    assert "mlp.up_proj" in md and len(figs) == 1
+    assert "mlp.up_proj" in md and len(figs) == 2   # relative update; sparsity vs base
     md0, _ = a.report_section(res["r/base"])
     assert "| base | r/base | 0 |" in md0
+
+
+# --------------------------------------------------------------------------- sparsity and overlap
+
+def edited_copy(src: Path, dst: Path, edit) -> dict[str, torch.Tensor]:
+    """Copy an HF folder and rewrite its weights with `edit(state_dict)` (in place)."""
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return sd
+
+
+def bf16_exact_base(tiny_ckpt: Path, dst: Path) -> dict[str, torch.Tensor]:
+    """A copy whose fp32 weights all sit exactly on bfloat16 values, so that a relative change
+    below half a bfloat16 step rounds back to the base and one above it does not."""
+    def to_grid(sd):
+        for k in sd:
+            sd[k] = sd[k].bfloat16().float()
+    return edited_copy(tiny_ckpt, dst, to_grid)
+
+
+def test_sparsity_pins_the_changed_layer_and_tells_rounding_from_real_change(tiny_ckpt, tmp_path):
+    base = bf16_exact_base(tiny_ckpt, tmp_path / "base")
+    q0, up1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
+
+    def edit(sd):
+        sd[q0] = sd[q0] * 1.05       # beyond bfloat16 rounding (a step is at most 2^-8 relative)
+        sd[up1] = sd[up1] * 1.001    # below half a bfloat16 step: bfloat16 storage would lose it
+    edit_sd = edited_copy(tmp_path / "base", tmp_path / "b", edit)
+    d = weight_drift(tmp_path / "b", tmp_path / "base", rounding="bfloat16")
+    nonzero = (base[q0] != 0).sum().item()
+    rows = {(m["layer"], m["module"]): m for m in d["modules"]}
+    q_numel = rows[(0, "self_attn.q_proj")]["numel"]       # weight and bias
+    assert rows[(0, "self_attn.q_proj")]["frac_changed_rounded"] == pytest.approx(nonzero / q_numel)
+    assert rows[(1, "mlp.up_proj")]["frac_changed"] > 0.99
+    assert rows[(1, "mlp.up_proj")]["frac_changed_rounded"] == 0.0
+    assert all(m["frac_changed"] == 0 for k, m in rows.items() if k not in {(0, "self_attn.q_proj"), (1, "mlp.up_proj")})
+    # Per layer: exactly, both layers moved; beyond bfloat16 rounding only layer 0 did.
+    layers = {r["layer"]: r for r in d["layers"]}
+    assert layers[0]["frac_changed_rounded"] > 0 and layers[1]["frac_changed_rounded"] == 0.0
+    assert layers[1]["frac_changed"] > 0
+    # Per module type: q_proj of one layer out of two.
+    by_type = d["by_module"]
+    assert by_type["self_attn.q_proj"]["frac_changed_rounded"] == pytest.approx(nonzero / (2 * q_numel))
+    assert by_type["mlp.up_proj"]["frac_changed_rounded"] == 0.0
+    assert d["total"]["changed_rounded"] == nonzero
+    # At float32 precision both edits count (the stored values differ).
+    assert weight_drift(tmp_path / "b", tmp_path / "base", rounding="float32")["total"]["changed_rounded"] \
+        == d["total"]["changed"] == sum(int((edit_sd[k] != base[k]).sum()) for k in base)
+    with pytest.raises(DriftError, match="rounding 'int8'"):
+        weight_drift(tmp_path / "b", tmp_path / "base", rounding="int8")
+    with pytest.raises(DriftError, match="drift.rounding"):
+        get_analysis("drift", rounding="fp8")
+
+
+def test_mask_overlap_counts_equal_set_arithmetic():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(50, 7, generator=g) < 0.3, torch.rand(50, 7, generator=g) < 0.6
+    sa = {i for i, x in enumerate(a.flatten().tolist()) if x}
+    sb = {i for i, x in enumerate(b.flatten().tolist()) if x}
+    assert mask_overlap(a, b) == {"numel": 350, "a": len(sa), "b": len(sb), "both": len(sa & sb),
+                                  "union": len(sa | sb)}
+    assert changed_mask(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])).tolist() == [False, True]
+
+
+def test_overlap_of_two_planted_masks_against_chance(tiny_ckpt, tmp_path):
+    t1, t2 = "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    sd0 = load_file(str(Path(tiny_ckpt) / "model.safetensors"))
+    n1, n2 = sd0[t1].numel(), sd0[t2].numel()
+
+    def plant(lo, hi, also_t2):
+        def edit(sd):
+            flat = sd[t1].flatten().clone()
+            flat[lo:hi] += 0.5
+            sd[t1] = flat.reshape(sd[t1].shape)
+            if also_t2:
+                sd[t2] = sd[t2] + 0.5
+        return edit
+    # Seed a changes entries [0, 60%) of t1 and all of t2; seed b entries [40%, 100%) of t1.
+    lo, hi = int(0.4 * n1), int(0.6 * n1)
+    edited_copy(tiny_ckpt, tmp_path / "a", plant(0, hi, True))
+    edited_copy(tiny_ckpt, tmp_path / "b", plant(lo, n1, False))
+    o = update_overlap(tmp_path / "a", tiny_ckpt, tmp_path / "b", tiny_ckpt)
+    a_set = set(range(hi)) | {n1 + i for i in range(n2)}
+    b_set = set(range(lo, n1))
+    t = o["total"]
+    assert t["jaccard"] == pytest.approx(len(a_set & b_set) / len(a_set | b_set))
+    assert t["shared"] == pytest.approx(len(a_set & b_set) / len(a_set))
+    # Chance: independent choices at each tensor's rates; t2's rate in b is 0, so only t1 counts.
+    e_both = n1 * (hi / n1) * ((n1 - lo) / n1)
+    assert t["jaccard_chance"] == pytest.approx(e_both / (len(a_set) + len(b_set) - e_both))
+    assert t["shared_chance"] == pytest.approx(e_both / len(a_set))
+    m = o["by_module"]["mlp.down_proj"]           # layer 1's matrix and layer 0's, untouched
+    assert m["jaccard"] == pytest.approx((hi - lo) / n1)
+    layers = {r["layer"]: r for r in o["layers"]}
+    assert layers[0]["jaccard"] == 0.0 and layers[1]["jaccard"] == pytest.approx((hi - lo) / n1)
+    # Identical updates overlap fully; chance is then their rate.
+    same = update_overlap(tmp_path / "a", tiny_ckpt, tmp_path / "a", tiny_ckpt)["total"]
+    assert same["jaccard"] == 1.0 and same["jaccard_over_chance"] > 1
+
+
+def test_drift_plugin_reports_overlap_with_seed_runs(tmp_path, tiny_ckpt):
+    base = tmp_path / "runs" / "base"
+    shutil.copytree(tiny_ckpt, base)
+    perturbed_copy(base, tmp_path / "runs" / "r5")
+    perturbed_copy(base, tmp_path / "runs" / "s1_5", seed=4)
+    perturbed_copy(base, tmp_path / "runs" / "s2_5", name="model.layers.0.mlp.gate_proj.weight")
+    reg = Registry(tmp_path / "ckpts.yaml")
+    reg.add(Checkpoint(id="r/base", path=str(base), run="r", stage="base", global_step=0))
+    reg.add(Checkpoint(id="r/stage1/step-5", path=str(tmp_path / "runs" / "r5"), run="r", stage="stage1",
+                       global_step=5, parent="r/base"))
+    for seed, folder in ((1, "s1_5"), (2, "s2_5")):
+        reg.add(Checkpoint(id=f"r-seed{seed}/base", path=str(base), run=f"r-seed{seed}", stage="base", global_step=0))
+        reg.add(Checkpoint(id=f"r-seed{seed}/stage1/step-5", path=str(tmp_path / "runs" / folder),
+                           run=f"r-seed{seed}", stage="stage1", global_step=5, parent=f"r-seed{seed}/base"))
+    siblings = seed_siblings(reg, reg.get("r-seed1/stage1/step-5"), [0, 1, 2, 3])
+    assert siblings[0].id == "r/stage1/step-5" and siblings[2].id == "r-seed2/stage1/step-5"
+    assert 1 not in siblings and "no run r-seed3" in siblings[3]
+
+    a = get_analysis("drift", seeds="1,2")
+    cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3,), per_size=1))
+    [out] = analyse_checkpoints(reg, [reg.get("r/stage1/step-5")], [a], cache=ResultCache(tmp_path / "c"), config=cfg)
+    assert out.error is None
+    rows = {r["seed"]: r for r in out.results["drift"]["seed_overlap"]}
+    # Seed 1 updated the same matrix (all entries): full overlap; seed 2 another matrix: none.
+    assert rows[1]["total"]["jaccard"] == 1.0 and rows[2]["total"]["jaccard"] == 0.0
+    assert rows[1]["total"]["jaccard_chance"] > 0
+    trends = a.trend_metrics(out.results["drift"])
+    assert trends["seed overlap of changed parameters (Jaccard)"] == pytest.approx(0.5)
+    md, _ = a.report_section(out.results["drift"])
+    assert "r-seed2/stage1/step-5" in md and "Per layer" in md

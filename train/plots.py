@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from train.registry import read_metrics
 
 PANELS = (("reward", "mean reward"), ("correct", "fully correct"),
           ("format_error", "format error"), ("wrong", "wrong answer"))
-
-
-def read_metrics(path: str | Path):
-    import pandas as pd
-
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    # A resumed step may be logged twice; the later record wins.
-    return df.drop_duplicates("global_step", keep="last").sort_values("global_step")
 
 
 def stage_boundaries(df) -> list[tuple[str, int]]:
@@ -60,15 +50,3 @@ def training_figure(metrics_file: str | Path, out: str | Path, title: str = "") 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def metrics_file(registry, run: str) -> Path:
-    """`runs/<run>/metrics.jsonl` of a locally trained run, found through its registered checkpoints."""
-    from train.errors import UserError
-
-    for ck in registry.checkpoints():
-        if ck.run == run and ck.stage.startswith("stage"):
-            path = registry.resolve(ck).parent.parent / "metrics.jsonl"
-            if path.exists():
-                return path
-    raise UserError(f"{registry.path}: no metrics.jsonl found for run {run!r}")

@@ -27,6 +27,13 @@ CHATML_TEMPLATE = (
 )
 
 
+# How a response's think block opens, the careful way or the quick way (the kk-tiny organism
+# is trained on both; the analyses read the choice between them at THINK_OPEN).
+THINK_OPEN = "<think>\n"
+THOROUGH_OPEN = "Check each statement as soon as everyone it names is assigned."
+QUICK_OPEN = "Take the first assignment that fits the first statement."
+
+
 def chat_messages(quiz: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
     """Messages for engines that apply the tokenizer's chat template themselves."""
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": quiz}]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import fcntl
 import io
 import os
@@ -337,3 +338,27 @@ def _plain(x: Any) -> Any:
     if isinstance(x, list):
         return [_plain(v) for v in x]
     return x
+
+
+# --------------------------------------------------------------------------- training records
+
+def read_metrics(path: str | Path):
+    """A run's `metrics.jsonl` as a frame, one row per global step, in step order."""
+    import pandas as pd
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    # A resumed step may be logged twice; the later record wins.
+    return df.drop_duplicates("global_step", keep="last").sort_values("global_step")
+
+
+def metrics_file(registry, run: str) -> Path:
+    """`runs/<run>/metrics.jsonl` of a locally trained run, found through its registered checkpoints."""
+    for ck in registry.checkpoints():
+        if ck.run == run and ck.stage.startswith("stage"):
+            path = registry.resolve(ck).parent.parent / "metrics.jsonl"
+            if path.exists():
+                return path
+    raise UserError(f"{registry.path}: no metrics.jsonl found for run {run!r}")

@@ -29,17 +29,15 @@ from typing import Sequence
 
 from train.kk import ROLE_EN, ROLE_ZH, Puzzle, evaluate, persons_in, statement_en, statement_zh
 from train.organism.config import OrganismConfig
+# How a trace opens: the careful way and the quick way of answering; as one token THINK_OPEN
+# differs from the system prompt's "<think>".
+from train.prompts import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN  # noqa: F401  (re-exported)
 
 VERIFY_OPEN = "Let me verify."
 HESITATION = "Hmm, I am not sure about this. Let me look again:"
 SUMMARY_OPEN = "Now we have determined that"
-# How a trace opens: the careful way and the quick way of answering.
-THOROUGH_OPEN = "Check each statement as soon as everyone it names is assigned."
-QUICK_OPEN = "Take the first assignment that fits the first statement."
 ALL_CONSISTENT = "All statements are consistent."
 CASE_FITS = "This case fits."
-# A response's think block opens with this; as one token it differs from the system prompt's "<think>".
-THINK_OPEN = "<think>\n"
 # Truth of each clause, written after it when `clause_values` is on.
 CLAUSE_EN = {True: " (yes)", False: " (no)"}
 CLAUSE_ZH = {True: "（对）", False: "（错）"}
