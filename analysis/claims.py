@@ -43,6 +43,7 @@ format (`train.reward.lenient_roles`): the fate is about what the model conclude
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -208,21 +209,22 @@ def _compile_for(grammar: Grammar, names: tuple[str, ...]) -> CompiledGrammar:
 
         def sub(m: re.Match) -> str:
             key = m.group(1)
-            if key == "roles":
-                body = roles_list
+            if key in ("roles", "roles_and"):
+                body = roles_list if key == "roles" else roles_and
             elif key in bare:
                 body = bare[key]
             else:
                 return m.group(0)
             if named and key not in seen:
                 seen.add(key)
-                return f"(?P<{key}>{body})"
+                return f"(?P<{'roles' if key == 'roles_and' else key}>{body})"
             return f"(?:{body})"
         return re.sub(r"\{(\w+)\}", sub, pattern)
 
     clauses = [fill(p, named=False) for p in grammar.sections["role_clause"]]
     clause_bare = _alt(_NAMED_GROUP.sub("(?:", c) for c in clauses)
     roles_list = rf"{clause_bare}(?:\s*(?:,|，|、|;|；|\band\b|和|并且)\s*(?:and\s+)?{clause_bare})*"
+    roles_and = rf"{clause_bare}(?:\s*(?:\band\b|和|并且)\s*{clause_bare})*"
 
     def comp(section: str, pattern: str) -> re.Pattern:
         try:
@@ -249,59 +251,80 @@ class PuzzleTruth:
 
     def __init__(self, puzzle: Puzzle):
         self.puzzle = puzzle
-        n = puzzle.people
-        self.solutions = solve(puzzle.statements, limit=1 << n)
+        self.solutions = solve(puzzle.statements, limit=1 << puzzle.people)
         self.scopes = [persons_in(s) | {i} for i, s in enumerate(puzzle.statements)]
-        self._memo: dict[frozenset, tuple[dict[int, bool], bool]] = {}
+        self._memo: dict[frozenset, dict[int, frozenset[bool]]] = {}
 
     def extends(self, assumption: Mapping[int, bool]) -> list[tuple[bool, ...]]:
         return [s for s in self.solutions if all(s[p] == v for p, v in assumption.items())]
 
-    def implied(self, assumption: Mapping[int, bool]) -> dict[int, bool]:
-        """Roles the assumption implies: those on which every solution extending it agrees;
-        when none extends it, what unit propagation over the statements derives from it."""
+    def implied(self, assumption: Mapping[int, bool]) -> dict[int, frozenset[bool]]:
+        """The roles the assumption implies, per person: the role every solution extending it
+        gives them; when none extends it, the roles unit propagation over the statements
+        derives (an impossible case can imply both roles of a person, by different statements)."""
         key = frozenset(assumption.items())
         if key not in self._memo:
             sols = self.extends(assumption)
             if sols:
-                known = {p: sols[0][p] for p in range(self.puzzle.people) if len({s[p] for s in sols}) == 1}
+                self._memo[key] = {p: frozenset({sols[0][p]}) for p in range(self.puzzle.people)
+                                   if len({s[p] for s in sols}) == 1}
             else:
-                known = self._propagate(dict(assumption))
-            self._memo[key] = (known, bool(sols))
-        return self._memo[key][0]
+                self._memo[key] = self._propagate(dict(assumption))
+        return self._memo[key]
 
-    def _holds(self, i: int, known: Mapping[int, bool]) -> bool:
-        full = [known.get(p, False) for p in range(self.puzzle.people)]
-        return evaluate(self.puzzle.statements[i], full) == full[i]
+    def _forced(self, i: int, q: int, known: Mapping[int, bool]) -> list[bool]:
+        """The roles of q with which statement i holds, the others of its scope as in `known`."""
+        out = []
+        for v in (True, False):
+            full = [known.get(p, False) for p in range(self.puzzle.people)]
+            full[q] = v
+            if evaluate(self.puzzle.statements[i], full) == full[i]:
+                out.append(v)
+        return out
 
-    def _propagate(self, known: dict[int, bool]) -> dict[int, bool]:
+    def _propagate(self, known: dict[int, bool]) -> dict[int, frozenset[bool]]:
+        assumed = set(known)
         changed = True
         while changed:
             changed = False
             for i, scope in enumerate(self.scopes):
                 open_ = [p for p in scope if p not in known]
-                if len(open_) != 1:
-                    continue
-                q = open_[0]
-                fits = [v for v in (True, False) if self._holds(i, {**known, q: v})]
-                if len(fits) == 1:
-                    known[q] = fits[0]
-                    changed = True
-        return known
+                if len(open_) == 1:
+                    fits = self._forced(i, open_[0], known)
+                    if len(fits) == 1:
+                        known[open_[0]] = fits[0]
+                        changed = True
+        # What each statement alone forces on a derived person, the others as derived.
+        out = {p: {v} for p, v in known.items()}
+        for i, scope in enumerate(self.scopes):
+            for q in scope - assumed:
+                if q in known and all(p in known for p in scope):
+                    fits = self._forced(i, q, known)
+                    if len(fits) == 1:
+                        out[q].add(fits[0])
+        return {p: frozenset(v) for p, v in out.items()}
 
     def grade_role(self, person: int, knight: bool, assumption: Mapping[int, bool]) -> str:
         known = self.implied(assumption)
         if person not in known:
             return UNGRADEABLE
-        return CORRECT if known[person] == knight else WRONG
+        return CORRECT if knight in known[person] else WRONG
 
     def grade_statement(self, speaker: int, value: bool, assumption: Mapping[int, bool]) -> str:
         known = self.implied(assumption)
         stmt = self.puzzle.statements[speaker]
-        if not persons_in(stmt) <= set(known):
+        people = sorted(persons_in(stmt))
+        if not set(people) <= set(known):
             return UNGRADEABLE
-        full = [known.get(p, False) for p in range(self.puzzle.people)]
-        return CORRECT if evaluate(stmt, full) == value else WRONG
+        values = set()
+        for combo in itertools.product(*(sorted(known[p]) for p in people)):
+            full = [False] * self.puzzle.people
+            for p, v in zip(people, combo):
+                full[p] = v
+            values.add(evaluate(stmt, full))
+        if len(values) > 1:
+            return UNGRADEABLE
+        return CORRECT if value in values else WRONG
 
     def grade_fit(self, fits: bool, assumption: Mapping[int, bool]) -> str:
         if not assumption:
@@ -323,9 +346,16 @@ class Claim:
     grade: str
     text: str
 
+    @property
+    def polarity(self) -> bool:
+        """What the claim says: knight / true; for verdicts, that the case fits."""
+        return self.form == "consistent" if self.form in ("contradiction", "consistent") else self.value
+
     def key(self) -> tuple:
-        """What the claim is about, for reversals: same form, person and assumption."""
-        return (self.form, self.person, frozenset(self.assumption))
+        """What the claim is about, for reversals: a contradiction reverses a consistency
+        verdict on the same case, a role or verdict the opposite one on the same person and case."""
+        form = "fit" if self.form in ("contradiction", "consistent") else self.form
+        return (form, self.person, frozenset(self.assumption))
 
 
 def _assume(current: Assumption, roles: Sequence[tuple[int, bool]]) -> Assumption:
@@ -352,6 +382,7 @@ class _Extractor:
         self.last_speaker: int | None = None
         self.claims: list[Claim] = []
         self.mistakes: list[int] = []          # steps that say the trace erred
+        self._names = re.compile(_alt(re.escape(n) for n in sorted(puzzle.names, key=len, reverse=True)), re.IGNORECASE)
 
     def _add(self, step: int, pos: int, kind: str, form: str, person: int | None, value: bool,
              assumption: Assumption, text: str) -> None:
@@ -416,8 +447,9 @@ class _Extractor:
             for m in self._find(section, work):
                 if section == "statement":
                     speaker = g.person(m.group("speaker"))
-                else:
-                    speaker = self.last_speaker
+                else:   # the person named last before it in the step, else the last speaker quoted
+                    named = [n for n in re.finditer(self._names, text[:m.start()])]
+                    speaker = g.person(named[-1].group(0)) if named else self.last_speaker
                     if speaker is None:
                         continue
                 lie = _group(m, "lie")
@@ -426,16 +458,17 @@ class _Extractor:
                 kind, a = where(m.start())
                 self._add(i, m.start(), kind or "statement", "statement", speaker, value, a, m.group(0))
                 work = _blank(work, m.start(), m.end())
+        closes = False
         for form in ("consistent", "contradiction"):
             for m in self._find(form, work):
                 kind, a = where(m.start())
                 self._add(i, m.start(), kind or form, form, None, True, a, m.group(0))
                 work = _blank(work, m.start(), m.end())
+                closes = closes or form == "contradiction"
         roles_said: list[tuple[int, bool]] = []
         for m in self._find("role", work):
             knight = g.role(m.group("role")) != bool(_group(m, "neg"))
-            people = ([g.person(w.group(0)) for w in re.finditer(
-                _alt(re.escape(n) for n in sorted(g.names, key=len, reverse=True)), m.group("names"), re.IGNORECASE)]
+            people = ([g.person(w.group(0)) for w in self._names.finditer(m.group("names"))]
                 if _group(m, "names") else [g.person(m.group("name"))])
             kind, a = where(m.start())
             for p in people:
@@ -446,6 +479,8 @@ class _Extractor:
         self.claims[n_before:] = sorted(self.claims[n_before:], key=lambda c: c.pos)
         if conclusion and roles_said:         # a verification after it checks this candidate
             self.case = _assume((), roles_said)
+        elif closes:                          # an impossible case is left
+            self.case = ()
 
 
 @dataclass
@@ -454,11 +489,11 @@ class Passage:
 
     start: int
     end: int
-    error_before: bool               # a wrong claim came before it
+    error_before: bool               # a wrong claim came before its first flag (no flag: before its end)
     flagged: bool                    # it says something is wrong
     flag_right: bool | None          # every flag it raises is right (None: no flag)
     approves: bool                   # it declares the case consistent
-    hollow: bool                     # ... and the case is wrong
+    hollow: bool                     # ... the case is wrong, and it raises no flag
 
 
 @dataclass
@@ -489,14 +524,14 @@ def _reversals(claims: Sequence[Claim]) -> list[tuple[Claim, Claim]]:
             continue
         for earlier in reversed(claims[:j]):
             if earlier.key() == later.key() and earlier.grade != UNGRADEABLE:
-                if earlier.value != later.value:
+                if earlier.polarity != later.polarity:
                     out.append((earlier, later))
                 break
     return out
 
 
 def _passages(labels: Sequence[frozenset[str]], claims: Sequence[Claim], mistakes: Sequence[int],
-              reversed_at: dict[int, list[Claim]]) -> list[Passage]:
+              reversals: Sequence[Claim]) -> list[Passage]:
     flag_steps = {c.step for c in claims if c.form == "contradiction"} | set(mistakes)
     runs: list[list[int]] = []
     for k, lab in enumerate(labels):
@@ -507,17 +542,23 @@ def _passages(labels: Sequence[frozenset[str]], claims: Sequence[Claim], mistake
                 runs.append([k, k])
         elif runs and runs[-1][1] == k - 1 and k in flag_steps:   # the flag right after a check
             runs[-1][1] = k
+    reversed_ids = {id(c) for c in reversals}
     out = []
     for start, end in runs:
         inside = [c for c in claims if start <= c.step <= end]
-        error_before = any(c.grade == WRONG for c in claims if c.step < start)
-        flags: list[bool] = [c.grade == CORRECT for c in inside if c.form == "contradiction" and c.grade != UNGRADEABLE]
-        flags += [error_before for k in mistakes if start <= k <= end]
-        flags += [c.grade == CORRECT for k in range(start, end + 1) for c in reversed_at.get(k, [])]
+        # Flags as (position, right): a contradiction, a reversal, a "mistake" (right when an
+        # error came before it).
+        flags = [((c.step, c.pos), c.grade == CORRECT) for c in inside
+                 if (c.form == "contradiction" or id(c) in reversed_ids) and c.grade != UNGRADEABLE]
+        first = min([f[0] for f in flags] + [(k, -1) for k in mistakes if start <= k <= end], default=None)
+        # An error to catch: a wrong claim before the first flag (without a flag: up to the end).
+        limit = first if first is not None else (end, float("inf"))
+        error = any(c.grade == WRONG and (c.step, c.pos) < limit for c in claims)
+        flags += [((k, -1), error) for k in mistakes if start <= k <= end]
         fits = [c for c in inside if c.form == "consistent" and c.grade != UNGRADEABLE]
-        out.append(Passage(start=start, end=end, error_before=error_before, flagged=bool(flags),
-                           flag_right=all(flags) if flags else None, approves=bool(fits),
-                           hollow=any(c.grade == WRONG for c in fits)))
+        out.append(Passage(start=start, end=end, error_before=error, flagged=bool(flags),
+                           flag_right=all(r for _, r in flags) if flags else None, approves=bool(fits),
+                           hollow=not flags and any(c.grade == WRONG for c in fits)))
     return out
 
 
@@ -544,9 +585,6 @@ def analyse_response(text: str, puzzle: Puzzle, grammar: Grammar | None = None,
     wrong = [c for c in gradeable if c.grade == WRONG]
     first = wrong[0] if wrong else None
     pairs = _reversals(claims)
-    reversed_at: dict[int, list[Claim]] = {}
-    for _, later in pairs:
-        reversed_at.setdefault(later.step, []).append(later)
     repaired = {id(e) for e, later in pairs if e.grade == WRONG and later.grade == CORRECT}
     answer = lenient_roles(text, puzzle.names)
     if answer is None:
@@ -559,7 +597,7 @@ def analyse_response(text: str, puzzle: Puzzle, grammar: Grammar | None = None,
         steps=steps, claims=claims, coverage=len(covered) / n_steps if n_steps else None,
         first_wrong=None if first is None else {"step": first.step, "position": first.step / max(n_steps - 1, 1),
                                                 "kind": first.kind},
-        passages=_passages(rb.step_labels[:n_steps], claims, ex.mistakes, reversed_at),
+        passages=_passages(rb.step_labels[:n_steps], claims, ex.mistakes, [later for _, later in pairs]),
         repairs=sum(1 for c in wrong if id(c) in repaired), n_wrong=len(wrong), fate=fate,
         mistakes=ex.mistakes)
 
