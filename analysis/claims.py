@@ -772,7 +772,7 @@ class ClaimsAnalysis(Analysis):
         err = np.array([[max(0.0, (m[k]["mean"] or 0) - (m[k]["lo"] or 0)), max(0.0, (m[k]["hi"] or 0) - (m[k]["mean"] or 0))]
                         for k in keys]).T
         ax1.errorbar([v or 0.0 for v in vals], y, xerr=err, fmt="none", ecolor="black", capsize=2)
-        ax1.set_yticks(y, labels)
+        ax1.set_yticks(y, [f"{lab} (n/a)" if v is None else lab for lab, v in zip(labels, vals)])
         ax1.invert_yaxis()
         ax1.set_xlim(0, 1)
         ax1.set_xlabel("rate (mean over puzzles, 95% CI)")
@@ -786,7 +786,7 @@ class ClaimsAnalysis(Analysis):
         ax2.set_xlim(0, 1)
         ax2.set_yticks([])
         ax2.set_xlabel("share of answers")
-        ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, fontsize=8)
+        ax2.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=7, frameon=False)
         return "\n".join(lines) + "\n", [("Claim accuracy by kind, verification events, and the answers' fates", fig)]
 
     HEADLINE = ("accuracy", "detection", "false_alarm", "hollow", "repair", "fate:lucky", "fate:slip", "coverage")
