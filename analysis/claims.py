@@ -109,40 +109,42 @@ def _lists(spec: Any, where: str) -> list[str]:
     if spec is None:
         return []
     if not isinstance(spec, dict):
-        raise ClaimGrammarError(f"claim grammar {where}: expected a mapping of languages to pattern lists")
+        raise ClaimGrammarError(f"{where}: expected a mapping of languages to pattern lists")
     out = []
     for lang, items in spec.items():
         if not isinstance(items, list):
-            raise ClaimGrammarError(f"claim grammar {where}.{lang}: expected a list of patterns")
+            raise ClaimGrammarError(f"{where}.{lang}: expected a list of patterns")
         out += [str(p) for p in items]
     return out
 
 
 def load_grammar(path: str | Path | None = None) -> Grammar:
     """The claim grammar: the packaged `claims.yaml`, its lists extended by those of `path`."""
-    docs = [_read(DEFAULT_GRAMMAR_PATH)]
-    texts = [DEFAULT_GRAMMAR_PATH.read_text(encoding="utf-8")]
-    if path is not None:
-        docs.append(_read(Path(path)))
-        texts.append(Path(path).read_text(encoding="utf-8"))
+    paths = [DEFAULT_GRAMMAR_PATH] + ([Path(path)] if path is not None else [])
     sections: dict[str, list[str]] = {s: [] for s in SECTIONS}
     roles: dict[bool, list[str]] = {True: [], False: []}
     truth: dict[bool, list[str]] = {True: [], False: []}
-    for doc in docs:
-        for s in SECTIONS:
-            sections[s] += _lists(doc.get(s), s)
-        for key, target, words in (("roles", roles, ("knight", "knave")), ("truth", truth, ("true", "false"))):
-            spec = doc.get(key) or {}
-            for value, word in zip((True, False), words):
-                target[value] += _lists(spec.get(word), f"{key}.{word}")
-    for key, target in (("roles", roles), ("truth", truth)):
-        if not target[True] or not target[False]:
-            raise ClaimGrammarError(f"claim grammar: section {key!r} needs words for both values")
-    digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:12]
-    grammar = Grammar(roles={k: tuple(v) for k, v in roles.items()},
-                      truth={k: tuple(v) for k, v in truth.items()},
-                      sections={k: tuple(v) for k, v in sections.items()}, digest=digest)
-    grammar.compiled(("Zoey", "Ethan"))   # a bad regex fails here, with its section named
+    texts = []
+    for source in paths:
+        doc = _read(source)
+        texts.append(source.read_text(encoding="utf-8"))
+        try:
+            for s in SECTIONS:
+                sections[s] += _lists(doc.get(s), s)
+            for key, target, words in (("roles", roles, ("knight", "knave")), ("truth", truth, ("true", "false"))):
+                spec = doc.get(key) or {}
+                for value, word in zip((True, False), words):
+                    target[value] += _lists(spec.get(word) if isinstance(spec, dict) else spec, f"{key}.{word}")
+            for key, target in (("roles", roles), ("truth", truth)):
+                if not target[True] or not target[False]:
+                    raise ClaimGrammarError(f"section {key!r} needs words for both values")
+            grammar = Grammar(roles={k: tuple(v) for k, v in roles.items()},
+                              truth={k: tuple(v) for k, v in truth.items()},
+                              sections={k: tuple(v) for k, v in sections.items()},
+                              digest=hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:12])
+            grammar.compiled(("Zoey", "Ethan"))   # a bad regex fails here, with its section named
+        except ClaimGrammarError as exc:           # the file that brought the problem
+            raise ClaimGrammarError(f"{source}: {exc}") from None
     return grammar
 
 
@@ -230,7 +232,7 @@ def _compile_for(grammar: Grammar, names: tuple[str, ...]) -> CompiledGrammar:
         try:
             return re.compile(fill(pattern, named=True), re.IGNORECASE)
         except re.error as exc:
-            raise ClaimGrammarError(f"claim grammar {section}: bad regex {pattern!r} ({exc})") from None
+            raise ClaimGrammarError(f"{section}: bad regex {pattern!r} ({exc})") from None
 
     patterns = {s: tuple(comp(s, p) for p in grammar.sections[s]) for s in SECTIONS}
     return CompiledGrammar(

@@ -188,7 +188,8 @@ def test_a_bad_grammar_file_is_one_clear_line(tmp_path):
             bad.write_text(content, encoding="utf-8")
         with pytest.raises(ClaimGrammarError) as err:
             load_grammar(bad)
-        assert problem in str(err.value) and "\n" not in str(err.value), (content, str(err.value))
+        message = str(err.value)
+        assert problem in message and str(bad) in message and "\n" not in message, (content, message)
 
 
 # --------------------------------------------------------------------------- statistics and report
