@@ -1,4 +1,4 @@
-"""Claim extraction and grading against hand-labelled traces (tests/data/claims_traces.yaml),
+"""Claim extraction and grading against hand-labelled traces (tests/claims_traces.yaml),
 the solver-backed grading rules on planted cases, the statistics and the report plug-in."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from analysis.claims import (CORRECT, FATES, KINDS, UNGRADEABLE, WRONG, ClaimGra
                              PuzzleTruth, analyse_response, claim_stats, load_grammar)
 from train.kk import GeneratorConfig, PuzzleGenerator, evaluate, make_puzzle, parse_statements
 
-DATA = Path(__file__).with_name("data") / "claims_traces.yaml"
+DATA = Path(__file__).with_name("claims_traces.yaml")
 LABELS = YAML(typ="safe").load(DATA.read_text(encoding="utf-8"))
 PUZZLES = {key: make_puzzle(spec["names"], parse_statements(spec["statements"]), rng=random.Random(0))
            for key, spec in LABELS["puzzles"].items()}
