@@ -455,7 +455,7 @@ class _Extractor:
                     if speaker is None:
                         continue
                 lie = _group(m, "lie")
-                value = (not re.search(r"lying|说谎", lie)) if lie else bool(g.truth(m.group("truth")))
+                value = (not re.search(r"lie|lying|说谎", lie)) if lie else bool(g.truth(m.group("truth")))
                 value = value != bool(_group(m, "neg"))
                 kind, a = where(m.start())
                 self._add(i, m.start(), kind or "statement", "statement", speaker, value, a, m.group(0))
