@@ -114,6 +114,8 @@ CASES = [
                                             "verify_prob.max_points=-5"), "0 or more"),
     Case("set-behaviours-not-a-number", "analysis", ("report", *REG, "--analyses", "behaviours", "--set",
                                                      "behaviours.n_examples=abc"), "behaviours.n_examples"),
+    Case("set-claims-grammar-missing", "analysis", ("report", *REG, "--analyses", "claims", "--set",
+                                                    "claims.grammar=nope.yaml"), "nope.yaml does not exist"),
     Case("set-unknown-option", "analysis", ("report", *REG, "--analyses", "verify_prob", "--set",
                                             "verify_prob.nope=1"), "no such option"),
     Case("set-without-value", "analysis", ("report", *REG, "--set", "verify_prob"), "--set"),
