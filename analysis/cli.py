@@ -53,7 +53,8 @@ def report_command(
     selection: CheckpointSelection = SELECTION_OPTIONS,
     out: Path = typer.Option(Path("reports"), help="report folder"),
     cache: Path = typer.Option(DEFAULT_ROOT, help="result cache folder"),
-    analyses: Optional[str] = typer.Option(None, help="analyses to run, comma-separated (default: all; see `list`)"),
+    analyses: Optional[str] = typer.Option(None, help="analyses to run, comma-separated (default: all but the "
+                                           "ones `list` marks 'by name only')"),
     puzzles: PuzzleSetConfig = PUZZLE_SET_OPTIONS,
     generation: GenerationConfig = GENERATION_OPTIONS,
     behaviours: Optional[Path] = typer.Option(None, help="extra behaviour rules (YAML, extends behaviours.yaml)"),
@@ -69,7 +70,7 @@ def report_command(
     Results are cached; a rerun computes only what is missing. A checkpoint that cannot be
     analysed is reported in one line and skipped (exit code 1 at the end)."""
     from analysis.cache import ResultCache
-    from analysis.harness import (HarnessConfig, HarnessError, analyse_checkpoints, available_analyses,
+    from analysis.harness import (HarnessConfig, HarnessError, analyse_checkpoints, default_analyses,
                                   cached_outcome, get_analysis, load_plugins, outcome_display)
     from analysis.report import indexed_checkpoints, write_reports
     from analysis.selection import checkpoints_cast, open_selection
@@ -81,7 +82,7 @@ def report_command(
     pick_dtype(dtype)                 # a bad --dtype is one line now, not one per checkpoint later
     reg, checkpoints = open_selection(selection)
     load_plugins(plugin)
-    names = [n.strip() for n in analyses.split(",") if n.strip()] if analyses else list(available_analyses())
+    names = [n.strip() for n in analyses.split(",") if n.strip()] if analyses else default_analyses()
     options = analysis_options(set_)
     if behaviours is not None:
         options.setdefault("behaviours", {})["rules"] = str(behaviours)
@@ -126,12 +127,13 @@ def report_command(
 
 @app.command("list")
 def list_command(plugin: list[str] = typer.Option([], help="extra module registering analyses")) -> None:
-    """List the registered analyses (name and report section title)."""
+    """List the registered analyses (name and report section title); the costly ones a report
+    runs only when named with --analyses are marked."""
     from analysis.harness import available_analyses, load_plugins
 
     load_plugins(plugin)
     for name, cls in available_analyses().items():
-        typer.echo(f"{name:<16} {cls.title or ''}")
+        typer.echo(f"{name:<16} {cls.title or ''}" + ("" if cls.by_default else "  (by name only)"))
 
 
 def main() -> None:

@@ -210,6 +210,8 @@ class Analysis:
       uses_puzzles       the result depends on the puzzles of the puzzle set (`ctx.puzzles`)
       uses_generations the result depends on the puzzle-set generations (`ctx.generations`)
       uses_model       `run` needs the model (False: it only reads generations)
+      by_default       part of a report without `--analyses` (False for analyses that cost many
+                       forward passes or samples per checkpoint: run them by name)
     """
 
     name: ClassVar[str] = ""
@@ -219,6 +221,7 @@ class Analysis:
     uses_puzzles: ClassVar[bool] = True
     uses_generations: ClassVar[bool] = False
     uses_model: ClassVar[bool] = True
+    by_default: ClassVar[bool] = True
 
     def params(self) -> dict:
         """The parameters that decide the result (part of the cache key)."""
@@ -277,6 +280,11 @@ def load_plugins(extra_modules: Sequence[str] = ()) -> dict[str, type[Analysis]]
 
 def available_analyses() -> dict[str, type[Analysis]]:
     return dict(sorted(_ANALYSES.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def default_analyses() -> list[str]:
+    """The analyses a report runs when none are named."""
+    return [name for name, cls in available_analyses().items() if cls.by_default]
 
 
 def get_analysis(name: str, **options: Any) -> Analysis:

@@ -94,6 +94,7 @@ class PassAtKAnalysis(Analysis):
     name = NAME
     title = "pass@k to large k"
     order = 15
+    by_default = False      # k samples per puzzle: run it by name
     version = 1
     uses_generations = False
     uses_model = True

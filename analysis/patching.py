@@ -124,6 +124,7 @@ class PatchingAnalysis(Analysis):
     name = NAME
     title = "Activation patching against the base"
     order = 55
+    by_default = False      # layers x 3 patched passes per prompt: run it by name
     version = 1
     uses_generations = False
     uses_model = True
