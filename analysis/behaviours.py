@@ -75,16 +75,22 @@ class Rules:
 
 # --------------------------------------------------------------------------- loading
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, what: str, error: type[Exception]) -> Any:
+    """The YAML document of a phrasing file (`what` names it in errors): a missing or malformed
+    file is one line, raised as `error`."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
     if not path.is_file():
-        raise BehaviourRulesError(f"behaviour rules file {path} does not exist")
+        raise error(f"{what} file {path} does not exist")
     try:
-        doc = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
     except YAMLError as exc:
-        raise BehaviourRulesError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    doc = read_yaml_mapping(path, "behaviour rules", BehaviourRulesError)
     if not isinstance(doc, dict) or not isinstance(doc.get("behaviours"), dict):
         raise BehaviourRulesError(f"{path}: expected a mapping with a 'behaviours:' mapping")
     return doc["behaviours"]

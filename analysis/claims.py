@@ -52,7 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from analysis.behaviours import classify_response, default_rules, load_rules
+from analysis.behaviours import classify_response, default_rules, load_rules, read_yaml_mapping
 from analysis.harness import Analysis, AnalysisContext, register_analysis
 from analysis.steps import Step
 from train.errors import UserError
@@ -86,15 +86,7 @@ class Grammar:
 
 
 def _read(path: Path) -> dict:
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    if not path.is_file():
-        raise ClaimGrammarError(f"claim grammar file {path} does not exist")
-    try:
-        doc = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
-    except YAMLError as exc:
-        raise ClaimGrammarError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
+    doc = read_yaml_mapping(path, "claim grammar", ClaimGrammarError)
     if not isinstance(doc, dict):
         raise ClaimGrammarError(f"{path}: expected a mapping of grammar sections")
     unknown = sorted(set(doc) - set(SECTIONS) - {"version", "roles", "truth"})
