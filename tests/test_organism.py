@@ -153,7 +153,7 @@ def test_default_organism_starts_with_a_node_head_and_a_think_head():
     from train.organism.model import make_model
     from train.organism.data import encode_example
     from train.organism.tokenizer import train_tokenizer, valued_clauses
-    from train.organism.traces import THINK_OPEN
+    from train.prompts import THINK_OPEN
 
     cfg = OrganismConfig(think_format_rate=1.0, thorough_rate=1.0, chinese_step_rate=0.0)
     puzzles, traces = _traces(cfg, n=30, sizes=(4, 5))

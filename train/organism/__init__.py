@@ -23,7 +23,8 @@ build` makes a new one from scratch.
 from pathlib import Path
 
 from train.organism.config import OrganismConfig
-from train.organism.traces import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN, Trace, TraceWriter, write_trace
+from train.organism.traces import Trace, TraceWriter, write_trace
+from train.prompts import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN
 
 BASE_DIR = Path(__file__).resolve().parent / "base"     # the shipped, vetted build
 

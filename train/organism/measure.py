@@ -15,8 +15,8 @@ from train.organism.config import OrganismConfig, organism_config
 from train.organism.data import encode_example, heldout_puzzles
 from train.organism.tokenizer import cast_phrases, node_phrases, valued_clauses
 from train.kk import ROLE_ZH
-from train.organism.traces import CLAUSE_EN, CLAUSE_ZH, THOROUGH_OPEN, TraceWriter
-from train.prompts import chat_messages
+from train.organism.traces import CLAUSE_EN, CLAUSE_ZH, TraceWriter
+from train.prompts import THOROUGH_OPEN, chat_messages
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _VERIFY = re.compile(r"Let me verify|验证")

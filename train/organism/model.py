@@ -9,7 +9,8 @@ import math
 from train.kk import FIXED_CAST_KEY, NAMES
 from train.organism.config import OrganismConfig
 from train.organism.tokenizer import valued_clauses
-from train.organism.traces import CLAUSE_EN, THINK_OPEN, node_phrase, tree_nodes
+from train.organism.traces import CLAUSE_EN, node_phrase, tree_nodes
+from train.prompts import THINK_OPEN
 
 
 def uses_value_tokens(config: OrganismConfig) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from train.organism.traces import CLAUSE_EN, THINK_OPEN, node_phrase, tree_nodes
+from train.organism.traces import CLAUSE_EN, node_phrase, tree_nodes
+from train.prompts import THINK_OPEN
 from train.prompts import CHATML_TEMPLATE
 
 QWEN_SPLIT = (

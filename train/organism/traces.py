@@ -29,9 +29,7 @@ from typing import Sequence
 
 from train.kk import ROLE_EN, ROLE_ZH, Puzzle, evaluate, persons_in, statement_en, statement_zh
 from train.organism.config import OrganismConfig
-# How a trace opens: the careful way and the quick way of answering; as one token THINK_OPEN
-# differs from the system prompt's "<think>".
-from train.prompts import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN  # noqa: F401  (re-exported)
+from train.prompts import QUICK_OPEN, THOROUGH_OPEN
 
 VERIFY_OPEN = "Let me verify."
 HESITATION = "Hmm, I am not sure about this. Let me look again:"

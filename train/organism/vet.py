@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from train.organism.config import ORGANISM_FILE
 from train.organism.data import heldout_puzzles
-from train.organism.traces import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN
+from train.prompts import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN
 
 OPENINGS = {"careful": THINK_OPEN + THOROUGH_OPEN + "\n", "quick": THINK_OPEN + QUICK_OPEN + "\n", "free": ""}
 CARD_FILE = "MODEL_CARD.md"
