@@ -1,6 +1,7 @@
-"""The update sparsity, pass@k and patching analyses on SmolLM2-135M (its real tokenizer and
-shape, tiny settings): a copy whose last layer's MLP is changed is pinned there by patching and
-by drift, and pass@k runs through evaluation's generator."""
+"""The update sparsity, pass@k, patching and steering analyses on SmolLM2-135M (its real
+tokenizer and shape, tiny settings): a copy whose last layer's MLP is changed is pinned there by
+patching and by drift, pass@k runs through evaluation's generator, and steering finds a direction
+that acts on the opening logit difference, with transfer to and from the base."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pytest
 
 from analysis.cache import ResultCache
 from analysis.drift import update_overlap, weight_drift
-from analysis.harness import HarnessConfig, PuzzleSetConfig, analyse_checkpoints, get_analysis
+from analysis.harness import GenerationConfig, HarnessConfig, PuzzleSetConfig, analyse_checkpoints, get_analysis
 from train.registry import Checkpoint, Registry
 
 
 @pytest.mark.slow
-def test_smollm2_sparsity_passk_patching(tmp_path):
+def test_smollm2_sparsity_passk_patching_steering(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -40,8 +41,9 @@ def test_smollm2_sparsity_passk_patching(tmp_path):
     reg.add(Checkpoint(id="smol/base", path=str(base), run="smol", stage="base", global_step=0))
     reg.add(Checkpoint(id="smol/step-1", path=str(step), run="smol", stage="stage1", global_step=1, parent="smol/base"))
     analyses = [get_analysis("patching", max_prompts=1, n_boot=20),
-                get_analysis("passk", k=2, max_new_tokens=6, n_boot=20, batch_size=4)]
-    cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3,), per_size=1))
+                get_analysis("passk", k=2, max_new_tokens=6, n_boot=20, batch_size=4),
+                get_analysis("steering", alphas="-4,0,4", max_prompts=1, direction_prompts=2)]
+    cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3,), per_size=1), generation=GenerationConfig(max_new_tokens=6))
     [out] = analyse_checkpoints(reg, [reg.get("smol/step-1")], analyses, cache=ResultCache(tmp_path / "c"), config=cfg)
     assert out.error is None
     shares = out.results["patching"]["shares"]
@@ -51,3 +53,10 @@ def test_smollm2_sparsity_passk_patching(tmp_path):
     passk = out.results["passk"]
     assert passk["base"] == "smol/base" and [v["n"] for v in passk["counts"].values()] == [2]
     assert len(passk["vs_base"]["by_size"]["3"]["difference"]["mean"]) == 2
+    steering = out.results["steering"]
+    assert steering["base"] == "smol/base" and steering["layer"] == (last + 1) // 2
+    assert set(steering["curves"]) == {"own", "base_on_this", "this_on_base"}
+    lds = [s["mean"] for s in steering["curves"]["own"]["logit_difference"]]
+    assert abs(lds[0] - lds[1]) > 0.05 and abs(lds[2] - lds[1]) > 0.05    # alpha -4, 0, 4: steering acts
+    assert min(steering["cosine_with_base"]) > 0.9  # the copy differs in one late MLP only
+    assert len(steering["curves"]["own"]["accuracy"]) == 3
