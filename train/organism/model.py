@@ -5,9 +5,9 @@ knows which step of the search it is in."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from train.kk import FIXED_CAST_KEY, NAMES
+from train.models import wired_heads
 from train.organism.config import OrganismConfig
 from train.organism.tokenizer import valued_clauses
 from train.organism.traces import CLAUSE_EN, node_phrase, tree_nodes
@@ -53,7 +53,7 @@ def make_model(config: OrganismConfig, tokenizer):
                     i, j = tokenizer.convert_tokens_to_ids(valued), tokenizer.convert_tokens_to_ids(bare)
                     sign = 1.0 if valued.endswith(CLAUSE_EN[True]) else -1.0
                     emb[i] = emb[j] + sign * 0.3 * emb[j].norm() * value_dir
-        taken, heads = None, wired_heads(config)
+        taken, heads = None, wired_heads(config.model_dump())
         if config.think_head:
             taken = wire_latest_marker(model, {1: [tokenizer.convert_tokens_to_ids(THINK_OPEN)]},
                                        seed=config.seed + 10, head=heads["think"][1])
@@ -67,23 +67,6 @@ def make_model(config: OrganismConfig, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     return model
-
-
-def wired_heads(config: OrganismConfig) -> dict[str, Any]:
-    """(layer, head) of each circuit a build wires ({} without `induction_init`):
-    "previous-token" and "induction" (lists; `circuits.wire_induction` uses the first half of
-    the heads of layers 0 and 1), "node" (the latest node token of the search) and "think" (the
-    opening `THINK_OPEN`), the next two heads of layer 0 (`circuits.wire_latest_marker`)."""
-    if not config.induction_init:
-        return {}
-    half = config.num_heads // 2
-    out: dict[str, Any] = {"previous-token": [(0, h) for h in range(half)],
-                           "induction": [(1, h) for h in range(half)]}
-    if config.node_head:
-        out["node"] = (0, half)
-    if config.think_head:
-        out["think"] = (0, half + 1)
-    return out
 
 
 def node_token_ids(config: OrganismConfig, tokenizer) -> dict[tuple[bool, ...], list[int]]:
