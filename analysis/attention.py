@@ -36,8 +36,8 @@ Per checkpoint, over its puzzle-set generations:
 All are reported per layer and per head; intervals are bootstraps over generations.
 
 Wired heads: the kk-tiny organism (a folder, or a run's base folder, with an organism
-description, `train.organism.config.organism_config`) starts from hand-wired layer-0 and
-layer-1 heads (`train.organism.model.wired_heads`), circuits whose job is known. For each, the
+description, `train.models.ORGANISM_FILE`) starts from hand-wired layer-0 and
+layer-1 heads (`train.models.wired_heads`), circuits whose job is known. For each, the
 section gives its rank among all heads on each score above, and a direct check on the same
 traces: the share of each position's attention on the token its circuit looks at (the latest
 node token, the opening `<think>\n`, the previous token, the token after the current token's
@@ -475,27 +475,29 @@ def summarize_traces(per_trace: Sequence[dict], layout: DecoderLayout, *, p: int
 
 # --------------------------------------------------------------------------- wired heads
 
+# A node of the search as one token: "Suppose Michael is a knight, Zoey is a knave." / "假设 Michael 是骑士。"
+NODE_EN = r"Suppose((?: \w+ is a (?:knight|knave),?)+)\."
+NODE_TOKEN = re.compile(rf"{NODE_EN}|假设(?:，? \w+ 是\S{{2}})+。")
 WIRED_SCORES = {"receiver kurtosis": ("receivers", "kurtosis_per_layer_head"),
                 "look-back score": ("lookback", "per_layer_head"),
                 "look-back distance": ("distance", "per_layer_head"),
                 "targeted lift": ("targeted", "lift_per_layer_head")}
 
 
-def organism_wiring(ctx: AnalysisContext, layout: DecoderLayout) -> tuple[Any, dict] | None:
-    """(organism config, `wired_heads`) of the checkpoint's folder, or of its run's base folder
-    for a trained checkpoint; None for a model without an organism description or wired heads,
-    or whose shape is not the description's."""
-    from train.organism.config import organism_config
-    from train.organism.model import wired_heads
+def organism_wiring(ctx: AnalysisContext, layout: DecoderLayout) -> dict | None:
+    """`train.models.wired_heads` of the checkpoint's folder, or of its run's base folder for a
+    trained checkpoint; None for a model without an organism description or wired heads, or
+    one whose shape does not hold them."""
+    from train.models import folder_wired_heads
 
-    config = organism_config(ctx.path)
-    if config is None:
+    heads = folder_wired_heads(ctx.path)
+    if not heads:
         base = references(ctx)["base"]
-        config = organism_config(base[1]) if base else None
-    if config is None or (config.num_layers, config.num_heads) != (layout.n_layers, layout.n_heads):
+        heads = folder_wired_heads(base[1]) if base else {}
+    where = [w for v in heads.values() for w in (v if isinstance(v, list) else [v])]
+    if not heads or any(l >= layout.n_layers or h >= layout.n_heads for l, h in where):
         return None
-    heads = wired_heads(config)
-    return (config, heads) if heads else None
+    return heads
 
 
 def circuit_targets(ids: Sequence[int], markers: dict[str, set[int]]) -> dict[str, np.ndarray]:
@@ -627,14 +629,14 @@ class AttentionAnalysis(Analysis):
         layout = attention_layout(ctx.hf_model)
         records = ctx.generations[:self.max_traces]
         wiring = organism_wiring(ctx, layout)
-        markers = wiring and self.circuit_markers(ctx.tokenizer, *wiring)
+        markers = wiring and self.circuit_markers(ctx.tokenizer, wiring)
         task = ctx.progress.add_task("attention", total=len(records)) if ctx.progress else None
         per_trace, example, n_steps, n_tokens, direct = [], None, [], [], []
         for rec, p, prompt in ctx.prompted_generations(records):
             trace = encode_trace(ctx.tokenizer, prompt, rec["text"], max_tokens=self.max_tokens)
             if wiring:
                 targets = circuit_targets(trace.ids, markers)
-                direct.append(target_shares(lm, trace.ids, {k: targets[k] for k in wiring[1]}, layout,
+                direct.append(target_shares(lm, trace.ids, {k: targets[k] for k in wiring}, layout,
                                             chunk=self.chunk))
             if len(trace.bounds) >= self.min_steps:
                 pairs = verification_targets(rec["text"], trace.steps, p.names)
@@ -660,16 +662,16 @@ class AttentionAnalysis(Analysis):
             out.update({"n_skipped": len(records) - len(per_trace), "steps_mean": float(np.mean(n_steps)),
                         "tokens_mean": float(np.mean(n_tokens)), "example": example})
         if wiring:
-            out["wired"] = wired_summary(json_safe(out), wiring[1], direct, self.n_boot, self.seed)
+            out["wired"] = wired_summary(json_safe(out), wiring, direct, self.n_boot, self.seed)
         return json_safe(out)
 
     @staticmethod
-    def circuit_markers(tokenizer: Any, config: Any, heads: dict) -> dict[str, set[int]]:
-        """The marker tokens of the wired latest-marker heads: node tokens, the think opening."""
-        from train.organism.model import node_token_ids
+    def circuit_markers(tokenizer: Any, heads: dict) -> dict[str, set[int]]:
+        """The marker tokens of the wired latest-marker heads: the node tokens (each node of the
+        search is one token), the think opening."""
         from train.prompts import THINK_OPEN
 
-        markers = {"node": {i for ids in node_token_ids(config, tokenizer).values() for i in ids},
+        markers = {"node": {i for i in range(len(tokenizer)) if NODE_TOKEN.fullmatch(tokenizer.decode([i]))},
                    "think": {tokenizer.convert_tokens_to_ids(THINK_OPEN)}}
         return {k: v for k, v in markers.items() if k in heads}
 
@@ -692,7 +694,7 @@ class AttentionAnalysis(Analysis):
         def rank(r: dict | None) -> str:
             return "–" if not r or r["rank"] is None else f"{r['rank']} of {r['of']}"
 
-        lines = ["", "Wired heads of the organism build (`train.organism.model.wired_heads`): each head's rank "
+        lines = ["", "Wired heads of the organism build (`train.models.wired_heads`): each head's rank "
                  "among all heads on each score (1 = highest), and the direct check, the share of each "
                  "position's attention on the token its circuit looks at [95% CI over traces], against "
                  "uniform attention's share:", "",
