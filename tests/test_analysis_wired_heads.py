@@ -18,9 +18,9 @@ from analysis.attention import (AttentionAnalysis, attention_layout, circuit_tar
 from analysis.case_tracking import case_decision
 from analysis.harness import PuzzleSetConfig, load_model, puzzle_set
 from train.generate import render_prompts
+from train.models import ORGANISM_FILE, folder_wired_heads, wired_heads
 from train.organism import BASE_DIR
-from train.organism.config import ORGANISM_FILE, OrganismConfig
-from train.models import folder_wired_heads, wired_heads
+from train.organism.config import OrganismConfig
 from train.organism.model import node_token_ids
 from train.organism.traces import TraceWriter
 from train.prompts import THINK_OPEN
