@@ -730,12 +730,11 @@ class AttentionAnalysis(Analysis):
                 f"look-back rankings (top {top}) " + ("find it." if len(ranked) == 2 else
                                                      f"find it by {' and '.join(ranked)} only." if ranked else
                                                      "do not."))
-        lines.append("- What the rankings measure: attention between steps of the thinking (for this organism a "
-                     "step is a line, opened by its node token), received from or paid to steps more than "
-                     f"{result.get('p', self.p)} away. The node head's target is the first token of the step the "
-                     "position is in, and the think head's lies before the first step, where the step scores count "
-                     "no attention: a rank on them reflects how a head spreads the attention left over, not whether "
-                     "it does its wired job, which only the direct check measures.")
+        lines.append("- What the rankings measure: attention between steps of the thinking, received from or paid "
+                     f"to steps more than {result.get('p', self.p)} away. The node head's target, the latest node, is "
+                     "usually a few steps back, so it ranks low on look-back; the think head's lies before the first "
+                     "step, where the step scores count no attention, so its ranks there only say how its leftover "
+                     "attention falls. Only the direct check tests the wired job itself.")
         return "\n".join(lines) + "\n"
 
     def steps_section(self, result: dict) -> tuple[str, list]:
