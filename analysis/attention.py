@@ -34,6 +34,15 @@ Per checkpoint, over its puzzle-set generations:
                        have the highest kurtosis across steps attend to a few broadcast steps.
 
 All are reported per layer and per head; intervals are bootstraps over generations.
+
+Wired heads: the kk-tiny organism (a folder, or a run's base folder, with an organism
+description, `train.models.ORGANISM_FILE`) starts from hand-wired layer-0 and
+layer-1 heads (`train.models.wired_heads`), circuits whose job is known. For each, the
+section gives its rank among all heads on each score above, and a direct check on the same
+traces: the share of each position's attention on the token its circuit looks at (the latest
+node token, the opening `<think>\n`, the previous token, the token after the current token's
+previous occurrence), against uniform attention. Models without such a description have no
+wired-heads section.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.cache import json_safe
+from analysis.drift import references
 from analysis.harness import Analysis, AnalysisContext, HarnessError, register_analysis
 from analysis.steps import Step, split_steps, think_span, token_offsets
 from train.layout import DecoderLayout, decoder_layers, decoder_layout, rotary_embedding
@@ -463,6 +473,125 @@ def summarize_traces(per_trace: Sequence[dict], layout: DecoderLayout, *, p: int
     return out
 
 
+# --------------------------------------------------------------------------- wired heads
+
+# A node of the search as one token: "Suppose Michael is a knight, Zoey is a knave." / "假设 Michael 是骑士。"
+NODE_EN = r"Suppose((?: \w+ is a (?:knight|knave),?)+)\."
+NODE_TOKEN = re.compile(rf"{NODE_EN}|假设(?:，? \w+ 是\S{{2}})+。")
+WIRED_SCORES = {"receiver kurtosis": ("receivers", "kurtosis_per_layer_head"),
+                "look-back score": ("lookback", "per_layer_head"),
+                "look-back distance": ("distance", "per_layer_head"),
+                "targeted lift": ("targeted", "lift_per_layer_head")}
+
+
+def organism_wiring(ctx: AnalysisContext, layout: DecoderLayout) -> dict | None:
+    """`train.models.wired_heads` of the checkpoint's folder, or of its run's base folder for a
+    trained checkpoint; None for a model without an organism description or wired heads, or
+    one whose shape does not hold them."""
+    from train.models import folder_wired_heads
+
+    heads = folder_wired_heads(ctx.path)
+    if not heads:
+        base = references(ctx)["base"]
+        heads = folder_wired_heads(base[1]) if base else {}
+    where = [w for v in heads.values() for w in (v if isinstance(v, list) else [v])]
+    if not heads or any(l >= layout.n_layers or h >= layout.n_heads for l, h in where):
+        return None
+    return heads
+
+
+def circuit_targets(ids: Sequence[int], markers: dict[str, set[int]]) -> dict[str, np.ndarray]:
+    """Per circuit, the position each position's attention should land on (-1: none yet): for
+    each marker set, the latest marker token at or before it; "previous-token", the position
+    before; "induction", the position after the latest earlier occurrence of the same token."""
+    T = len(ids)
+    out = {}
+    for kind, marker in markers.items():
+        t, latest = np.full(T, -1), -1
+        for i, x in enumerate(ids):
+            latest = i if x in marker else latest
+            t[i] = latest
+        out[kind] = t
+    out["previous-token"] = np.arange(T) - 1
+    ind, seen = np.full(T, -1), {}
+    for i, x in enumerate(ids):
+        if x in seen and seen[x] + 1 < i:
+            ind[i] = seen[x] + 1
+        seen[x] = i
+    out["induction"] = ind
+    return out
+
+
+def target_shares(lm: Any, ids: Sequence[int], targets: dict[str, np.ndarray], layout: DecoderLayout, *,
+                  chunk: int = 256) -> dict[str, dict]:
+    """Per circuit: "share", (L, H) mean over the positions with a target of the attention
+    probability on it, "chance" (uniform attention's), and "n" positions."""
+    import torch
+
+    hf = lm._module
+    device = next(hf.parameters()).device
+    cos, sin = rotary_tables(hf, len(ids), device)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    rows = {k: torch.as_tensor(np.nonzero(t >= 0)[0], device=device) for k, t in targets.items()}
+    cols = {k: torch.as_tensor(t[t >= 0], device=device) for k, t in targets.items()}
+    sums = {k: [] for k in targets}
+    with torch.no_grad(), lm.trace(torch.tensor([list(ids)], device=device), use_cache=False, **extra):
+        for layer in decoder_layers(lm):
+            qh = rope_heads(layer.self_attn.q_proj.output[0], layout.n_heads, layout.d_head, cos, sin)
+            kh = rope_heads(layer.self_attn.k_proj.output[0], layout.n_kv_heads, layout.d_head, cos, sin)
+            kh = kh.repeat_interleave(layout.n_heads // layout.n_kv_heads, dim=0)
+            for k in targets:
+                total = torch.zeros(layout.n_heads, device=device)
+                for start in range(0, len(rows[k]), max(1, int(chunk))):
+                    r, c = rows[k][start:start + chunk], cols[k][start:start + chunk]
+                    probs = _probs_rows(qh, kh, r, layout.attn_scale)            # (H, C, T)
+                    total += probs[:, torch.arange(len(r), device=device), c].sum(-1)
+                sums[k].append(total.cpu().save())
+    out = {}
+    for k, t in targets.items():
+        n = int((t >= 0).sum())
+        share = torch.stack(sums[k]).numpy() / max(n, 1)
+        chance = float(np.mean(1.0 / (np.nonzero(t >= 0)[0] + 1))) if n else float("nan")
+        out[k] = {"share": share if n else np.full(share.shape, np.nan), "chance": chance, "n": n}
+    return out
+
+
+def head_rank(grid: Sequence[Sequence[float | None]], layer: int, head: int) -> tuple[int | None, int]:
+    """(rank of (layer, head) from the top, 1 = highest; None when its score is undefined,
+    number of heads with a score)."""
+    arr = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+    ok = np.isfinite(arr)
+    v = arr[layer, head]
+    return (None if not np.isfinite(v) else int((arr[ok] > v).sum()) + 1), int(ok.sum())
+
+
+def wired_summary(result: dict, heads: dict, direct: Sequence[dict], n_boot: int, seed: int) -> dict:
+    """Each wired head's rank on every score of `result` and on its circuit's direct share
+    (per-trace shares of `target_shares`, a bootstrap interval over traces)."""
+    L, H = result["n_layers"], result["n_heads"]
+    out = {}
+    for kind, where in heads.items():
+        for layer, head in (where if isinstance(where, list) else [where]):
+            ranks = {}
+            for label, (part, key) in WIRED_SCORES.items():
+                grid = (result.get(part) or {}).get(key)
+                if grid is not None:
+                    r, n = head_rank(grid, layer, head)
+                    ranks[label] = {"rank": r, "of": n, "value": grid[layer][head]}
+            per_trace = np.array([d[kind]["share"] for d in direct if d[kind]["n"]]).reshape(-1, L, H)
+            mean = _nanmean(per_trace) if len(per_trace) else np.full((L, H), np.nan)
+            r, n = head_rank(_tolist(mean), layer, head)
+            out[f"{kind} L{layer}H{head}"] = {
+                "circuit": kind, "layer": layer, "head": head, "ranks": ranks,
+                "share": _boot(per_trace[:, layer, head], n_boot, seed),
+                "share_rank": {"rank": r, "of": n},
+                "best_other": float(np.nanmax(np.where(np.arange(L * H).reshape(L, H) == layer * H + head,
+                                                       np.nan, mean))) if np.isfinite(mean).sum() > 1 else None,
+                "chance": float(np.mean([d[kind]["chance"] for d in direct if d[kind]["n"]])) if len(per_trace) else None,
+            }
+    return out
+
+
 # --------------------------------------------------------------------------- plug-in
 
 @register_analysis
@@ -472,7 +601,7 @@ class AttentionAnalysis(Analysis):
     name = NAME
     title = "Attention to earlier steps"
     order = 40
-    version = 1
+    version = 2
     uses_generations = True
     uses_model = True
 
@@ -499,10 +628,16 @@ class AttentionAnalysis(Analysis):
         lm = ctx.require_model()
         layout = attention_layout(ctx.hf_model)
         records = ctx.generations[:self.max_traces]
+        wiring = organism_wiring(ctx, layout)
+        markers = wiring and self.circuit_markers(ctx.tokenizer, wiring)
         task = ctx.progress.add_task("attention", total=len(records)) if ctx.progress else None
-        per_trace, example, n_steps, n_tokens = [], None, [], []
+        per_trace, example, n_steps, n_tokens, direct = [], None, [], [], []
         for rec, p, prompt in ctx.prompted_generations(records):
             trace = encode_trace(ctx.tokenizer, prompt, rec["text"], max_tokens=self.max_tokens)
+            if wiring:
+                targets = circuit_targets(trace.ids, markers)
+                direct.append(target_shares(lm, trace.ids, {k: targets[k] for k in wiring}, layout,
+                                            chunk=self.chunk))
             if len(trace.bounds) >= self.min_steps:
                 pairs = verification_targets(rec["text"], trace.steps, p.names)
                 m = self.trace_metrics(lm, trace, pairs, layout)
@@ -519,19 +654,90 @@ class AttentionAnalysis(Analysis):
         if task is not None:
             ctx.progress.remove_task(task)
         if not per_trace:
-            return {"p": self.p, "n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_traces": 0,
-                    "n_skipped": len(records)}
-        out = summarize_traces(per_trace, layout, p=self.p, n_receivers=self.n_receivers,
-                               n_boot=self.n_boot, seed=self.seed)
-        out.update({"n_skipped": len(records) - len(per_trace), "steps_mean": float(np.mean(n_steps)),
-                    "tokens_mean": float(np.mean(n_tokens)), "example": example})
+            out = {"p": self.p, "n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_traces": 0,
+                   "n_skipped": len(records)}
+        else:
+            out = summarize_traces(per_trace, layout, p=self.p, n_receivers=self.n_receivers,
+                                   n_boot=self.n_boot, seed=self.seed)
+            out.update({"n_skipped": len(records) - len(per_trace), "steps_mean": float(np.mean(n_steps)),
+                        "tokens_mean": float(np.mean(n_tokens)), "example": example})
+        if wiring:
+            out["wired"] = wired_summary(json_safe(out), wiring, direct, self.n_boot, self.seed)
         return json_safe(out)
+
+    @staticmethod
+    def circuit_markers(tokenizer: Any, heads: dict) -> dict[str, set[int]]:
+        """The marker tokens of the wired latest-marker heads: the node tokens (each node of the
+        search is one token), the think opening."""
+        from train.prompts import THINK_OPEN
+
+        markers = {"node": {i for i in range(len(tokenizer)) if NODE_TOKEN.fullmatch(tokenizer.decode([i]))},
+                   "think": {tokenizer.convert_tokens_to_ids(THINK_OPEN)}}
+        return {k: v for k, v in markers.items() if k in heads}
 
     # ------------------------------------------------------------------ report
     def report_section(self, result: dict) -> tuple[str, list]:
+        wired = self.wired_section(result)
         if not result.get("n_traces"):
             return (f"No generation had at least {self.min_steps} steps in its thinking "
-                    f"({result.get('n_skipped', 0)} skipped); nothing to measure.\n", [])
+                    f"({result.get('n_skipped', 0)} skipped); nothing to measure.\n" + wired, [])
+        text, figs = self.steps_section(result)
+        return text + wired, figs
+
+    def wired_section(self, result: dict) -> str:
+        """The wired heads' ranks and direct checks, with a plain verdict ('' without wired heads)."""
+        wired = result.get("wired")
+        if not wired:
+            return ""
+        top = self.n_receivers
+
+        def rank(r: dict | None) -> str:
+            return "–" if not r or r["rank"] is None else f"{r['rank']} of {r['of']}"
+
+        lines = ["", "Wired heads of the organism build (`train.models.wired_heads`): each head's rank "
+                 "among all heads on each score (1 = highest), and the direct check, the share of each "
+                 "position's attention on the token its circuit looks at [95% CI over traces], against "
+                 "uniform attention's share:", "",
+                 "| circuit | head | " + " | ".join(WIRED_SCORES) + " | direct share | direct rank | uniform |",
+                 "|---|---|" + "---|" * (len(WIRED_SCORES) + 3)]
+        for w in wired.values():
+            sh = w["share"]
+            share = "–" if sh["mean"] is None else f"{sh['mean']:.3f} [{sh['lo']:.3f}, {sh['hi']:.3f}]"
+            lines.append(f"| {w['circuit']} | L{w['layer']}H{w['head']} | "
+                         + " | ".join(rank(w["ranks"].get(k)) for k in WIRED_SCORES)
+                         + f" | {share} | {rank(w['share_rank'])} | "
+                         + ("–" if w["chance"] is None else f"{w['chance']:.4f}") + " |")
+        lines.append("")
+        n_wired = {}
+        for w in wired.values():
+            n_wired[w["circuit"]] = n_wired.get(w["circuit"], 0) + 1
+        for w in wired.values():
+            if w["circuit"] not in ("node", "think"):
+                continue
+            what = {"node": "the latest node token", "think": "the opening `<think>\\n`"}[w["circuit"]]
+            d, sh = w["share_rank"], w["share"]
+            found_direct = d["rank"] is not None and d["rank"] <= n_wired[w["circuit"]]
+            ranked = [k for k in ("receiver kurtosis", "look-back score")
+                      if (w["ranks"].get(k) or {}).get("rank") and w["ranks"][k]["rank"] <= top]
+            direct = ("no trace has its target" if sh["mean"] is None else
+                      f"its attention on {what} is {sh['mean']:.2f} of each position's (uniform "
+                      f"{w['chance']:.4f}), rank {rank(d)} on that share")
+            lines.append(
+                f"- The {w['circuit']} head L{w['layer']}H{w['head']} is receiver rank "
+                f"{rank(w['ranks'].get('receiver kurtosis'))} and look-back rank "
+                f"{rank(w['ranks'].get('look-back score'))}; {direct}. "
+                f"The direct check {'finds' if found_direct else 'does not find'} it; the receiver and "
+                f"look-back rankings (top {top}) " + ("find it." if len(ranked) == 2 else
+                                                     f"find it by {' and '.join(ranked)} only." if ranked else
+                                                     "do not."))
+        lines.append("- What the rankings measure: attention between steps of the thinking, received from or paid "
+                     f"to steps more than {result.get('p', self.p)} away. The node head's target, the latest node, is "
+                     "usually a few steps back, so it ranks low on look-back; the think head's lies before the first "
+                     "step, where the step scores count no attention, so its ranks there only say how its leftover "
+                     "attention falls. Only the direct check tests the wired job itself.")
+        return "\n".join(lines) + "\n"
+
+    def steps_section(self, result: dict) -> tuple[str, list]:
         from matplotlib.figure import Figure
 
         def ci(d: dict, digits: int = 3) -> str:
@@ -589,6 +795,18 @@ class AttentionAnalysis(Analysis):
 
     def trend_metrics(self, result: dict) -> dict[str, float]:
         out: dict[str, float] = {}
+        for w in (result.get("wired") or {}).values():
+            if w["circuit"] not in ("node", "think"):
+                continue
+            label = f"wired {w['circuit']} head L{w['layer']}H{w['head']}"
+            for score in ("receiver kurtosis", "look-back score"):
+                r = w["ranks"].get(score)
+                if r and r["rank"] is not None:
+                    out[f"{label}: {score} rank"] = float(r["rank"])
+            if w["share"]["mean"] is not None:
+                out[f"{label}: attention on its target"] = w["share"]["mean"]
+                out[f"{label}: attention on its target@lo"] = w["share"]["lo"]
+                out[f"{label}: attention on its target@hi"] = w["share"]["hi"]
         if not result.get("n_traces"):
             return out
 

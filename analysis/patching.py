@@ -41,11 +41,14 @@ class PatchingError(HarnessError):
 
 
 def _site(layer: Any, component: str) -> Any:
-    """The nnsight proxy of one component's output in a decoder layer (batch, position, hidden)."""
+    """The nnsight proxy of one component's output in a decoder layer (batch, position, hidden);
+    "heads": the attention heads' outputs before `o_proj` (batch, position, heads x head dim)."""
     if component == "residual":
         return layer.output
     if component == "attention":
         return layer.self_attn.output[0]
+    if component == "heads":
+        return layer.self_attn.o_proj.input
     return layer.mlp.output
 
 
@@ -64,13 +67,16 @@ def decision_tokens(tokenizer: Any, prefix: str, option_a: str, option_b: str) -
     return ids, firsts[0], firsts[1]
 
 
-def read_sites(lm: Any, ids: list[int]) -> tuple[dict[tuple[int, str], Any], Any]:
-    """Every layer's component outputs at the last position, and the last position's logits."""
+def read_sites(lm: Any, ids: list[int], heads: bool = False) -> tuple[dict[tuple[int, str], Any], Any]:
+    """Every layer's component outputs at the last position (with `heads`, its heads' outputs
+    too), and the last position's logits."""
     import torch
 
     sites, device = {}, lm._module.device
     with torch.no_grad(), lm.trace(torch.tensor([ids], device=device), use_cache=False):
-        for l, layer in enumerate(decoder_layers(lm)):   # forward order: attention, MLP, layer output
+        for l, layer in enumerate(decoder_layers(lm)):   # forward order: heads, attention, MLP, layer output
+            if heads:
+                sites[(l, "heads")] = _site(layer, "heads")[0, -1].save()
             sites[(l, "attention")] = _site(layer, "attention")[0, -1].save()
             sites[(l, "mlp")] = _site(layer, "mlp")[0, -1].save()
             sites[(l, "residual")] = _site(layer, "residual")[0, -1].save()
@@ -78,30 +84,47 @@ def read_sites(lm: Any, ids: list[int]) -> tuple[dict[tuple[int, str], Any], Any
     return sites, logits
 
 
-def patched_logits(lm: Any, ids: list[int], layer_index: int, component: str, value: Any) -> Any:
-    """The last position's logits with one component's output there replaced by `value`."""
+def patched_logits(lm: Any, ids: list[int], layer_index: int, component: str, value: Any,
+                   part: slice = slice(None)) -> Any:
+    """The last position's logits with one component's output there (its columns `part`)
+    replaced by `value`."""
     import torch
 
     with torch.no_grad(), lm.trace(torch.tensor([ids], device=lm._module.device), use_cache=False):
-        _site(decoder_layers(lm)[layer_index], component)[0, -1] = value
+        _site(decoder_layers(lm)[layer_index], component)[0, -1, part] = value
         logits = lm.output.logits[0, -1].save()
     return logits
 
 
-def patch_prompts(source: Any, target: Any, prompts: list[list[int]], token_a: int, token_b: int) -> dict:
-    """Logit differences (token_a - token_b) of `source`, `target`, and `target` with each
-    (layer, component) of `source` patched in, per prompt."""
-    n_layers = len(decoder_layers(target))
-    ld = lambda logits: float(logits[token_a] - logits[token_b])  # noqa: E731
-    out = {"source": [], "target": [], "patched": {c: [] for c in COMPONENTS}}
-    for ids in prompts:
-        sites, logits = read_sites(source, ids)
+def patch_pairs(source: Any, target: Any, pairs: list[tuple[list[int], list[int], int, int]], *,
+                heads: bool = False) -> dict:
+    """For each (source ids, target ids, token_a, token_b): logit differences (token_a - token_b)
+    at the last position of `source`, of `target`, and of `target` with each (layer, component)
+    of `source` there patched in; with `heads`, also each attention head ("heads": one row of
+    layers x heads per pair, layer-major)."""
+    layout = decoder_layout(target)
+    d = layout.d_head
+    out = {"source": [], "target": [], "patched": {c: [] for c in COMPONENTS + (("heads",) if heads else ())}}
+    for src_ids, tgt_ids, token_a, token_b in pairs:
+        ld = lambda logits: float(logits[token_a] - logits[token_b])  # noqa: E731
+        sites, logits = read_sites(source, src_ids, heads=heads)
+        sites = {k: v.to(target._module.dtype) for k, v in sites.items()}
         out["source"].append(ld(logits))
-        out["target"].append(ld(read_sites(target, ids)[1]))
+        out["target"].append(ld(read_sites(target, tgt_ids)[1]))
         for c in COMPONENTS:
-            out["patched"][c].append([ld(patched_logits(target, ids, l, c, sites[(l, c)].to(target._module.dtype)))
-                                      for l in range(n_layers)])
+            out["patched"][c].append([ld(patched_logits(target, tgt_ids, l, c, sites[(l, c)]))
+                                      for l in range(layout.n_layers)])
+        if heads:
+            out["patched"]["heads"].append([
+                ld(patched_logits(target, tgt_ids, l, "heads", sites[(l, "heads")][h * d:(h + 1) * d],
+                                  slice(h * d, (h + 1) * d)))
+                for l in range(layout.n_layers) for h in range(layout.n_heads)])
     return out
+
+
+def patch_prompts(source: Any, target: Any, prompts: list[list[int]], token_a: int, token_b: int) -> dict:
+    """`patch_pairs` with the same prompt and decision tokens for both models."""
+    return patch_pairs(source, target, [(ids, ids, token_a, token_b) for ids in prompts])
 
 
 def restored_shares(lds: dict, *, n_boot: int, seed: int) -> dict:

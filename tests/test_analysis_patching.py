@@ -56,3 +56,29 @@ def test_decision_tokens_need_two_distinct_first_tokens(tiny_ckpt):
     assert tok(("Hello\nCheck it."), add_special_tokens=False)["input_ids"][len(ids)] == a and a != b
     with pytest.raises(PatchingError, match="same token"):
         decision_tokens(tok, "Hello\n", "Check it.", "Check that.")
+
+
+def test_per_head_patching_pins_the_one_changed_head(tmp_path, tiny_ckpt):
+    """Two models that differ only in one layer-1 head's query projection: patching that head's
+    output (its slice of the o_proj input) restores the whole difference, every other head none."""
+    from analysis.harness import load_model
+    from analysis.patching import patch_pairs, restored_shares
+    from train.layout import decoder_layout
+
+    step = tmp_path / "s"
+    shutil.copytree(tiny_ckpt, step)
+    src, tok = load_model(tiny_ckpt)
+    layout = decoder_layout(src)
+    H, d, head = layout.n_heads, layout.d_head, 1
+    name = "model.layers.1.self_attn.q_proj.weight"     # one row block per head (GQA shares k, v)
+    sd = load_file(str(step / "model.safetensors"))
+    sd[name][head * d:(head + 1) * d] += torch.randn(d, sd[name].shape[1], generator=torch.Generator().manual_seed(2))
+    save_file(sd, str(step / "model.safetensors"), metadata={"format": "pt"})
+    tgt, _ = load_model(step)
+    ids = [tok("Zoey says Ethan is a knave. So Ethan", add_special_tokens=False)["input_ids"],
+           tok("Assume Zoey is a knight. Then", add_special_tokens=False)["input_ids"]]
+    lds = patch_pairs(src, tgt, [(x, x, 5, 7) for x in ids], heads=True)
+    shares = [s["mean"] for s in restored_shares(lds, n_boot=50, seed=0)["heads"]]
+    assert len(shares) == layout.n_layers * H
+    assert shares[H + head] == pytest.approx(1.0, abs=1e-4)
+    assert shares[:H + head] + shares[H + head + 1:] == pytest.approx([0.0] * (len(shares) - 1), abs=1e-4)

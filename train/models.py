@@ -67,6 +67,35 @@ def fixed_cast(path: str | os.PathLike) -> bool:
         return False
 
 
+ORGANISM_FILE = "organism.json"   # beside an organism build's model: config, sizes, SFT curve, vetting
+
+
+def wired_heads(config: dict[str, Any]) -> dict[str, Any]:
+    """(layer, head) of each circuit an organism build (its config, `OrganismConfig` fields)
+    wires, {} without `induction_init`: "previous-token" and "induction" (lists: the first half
+    of the heads of layers 0 and 1), "node" (attends to the latest node token of the search) and
+    "think" (to the opening `<think>\\n`), the next two heads of layer 0."""
+    if not config["induction_init"]:
+        return {}
+    half = int(config["num_heads"]) // 2
+    out: dict[str, Any] = {"previous-token": [(0, h) for h in range(half)],
+                           "induction": [(1, h) for h in range(half)]}
+    if config["node_head"]:
+        out["node"] = (0, half)
+    if config["think_head"]:
+        out["think"] = (0, half + 1)
+    return out
+
+
+def folder_wired_heads(path: str | os.PathLike) -> dict[str, Any]:
+    """`wired_heads` of the organism build at `path` ({} for a folder without a readable
+    ORGANISM_FILE: other models have no wired heads)."""
+    try:
+        return wired_heads(json.loads((Path(path) / ORGANISM_FILE).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 # --------------------------------------------------------------------------- builders
 
 

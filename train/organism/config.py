@@ -10,9 +10,9 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.errors import UserError, validation_problem
+from train.models import ORGANISM_FILE
 
 BUILD_VERSION = 4      # raise when the same config would build a different model
-ORGANISM_FILE = "organism.json"   # what a build writes beside the model: config, sizes, SFT curve, vetting
 
 
 class OrganismConfig(BaseModel):

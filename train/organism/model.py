@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from train.kk import FIXED_CAST_KEY, NAMES
+from train.models import wired_heads
 from train.organism.config import OrganismConfig
 from train.organism.tokenizer import valued_clauses
 from train.organism.traces import CLAUSE_EN, node_phrase, tree_nodes
@@ -38,7 +39,6 @@ def make_model(config: OrganismConfig, tokenizer):
     if config.induction_init:
         from train.organism.circuits import wire_induction, wire_latest_marker
 
-        half_heads = config.num_heads // 2          # heads the induction circuit uses per layer
         wire_induction(model, seed=config.seed, embed_scale=config.embed_scale)
         if uses_value_tokens(config):
             # A valued clause starts as its bare clause plus or minus one shared "value"
@@ -53,22 +53,26 @@ def make_model(config: OrganismConfig, tokenizer):
                     i, j = tokenizer.convert_tokens_to_ids(valued), tokenizer.convert_tokens_to_ids(bare)
                     sign = 1.0 if valued.endswith(CLAUSE_EN[True]) else -1.0
                     emb[i] = emb[j] + sign * 0.3 * emb[j].norm() * value_dir
-        taken = None
+        taken, heads = None, wired_heads(config.model_dump())
         if config.think_head:
             taken = wire_latest_marker(model, {1: [tokenizer.convert_tokens_to_ids(THINK_OPEN)]},
-                                       seed=config.seed + 10, head=half_heads + 1)
-        nodes = tree_nodes(max(config.sizes))
-        ids = {roles: [tokenizer.convert_tokens_to_ids(node_phrase(NAMES, roles, zh)) for zh in (False, True)]
-               for roles in nodes}
+                                       seed=config.seed + 10, head=heads["think"][1])
+        ids = node_token_ids(config, tokenizer)
         if config.node_role_embedding:
             embed_node_roles(model, ids, seed=config.seed + 3)
         if config.node_head:
-            wire_latest_marker(model, {rank: ids[roles] for rank, roles in enumerate(nodes, 1)},
-                               seed=config.seed, orthogonal_to=taken)
+            wire_latest_marker(model, {rank: ids[roles] for rank, roles in enumerate(ids, 1)},
+                               seed=config.seed, head=heads["node"][1], orthogonal_to=taken)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     return model
+
+
+def node_token_ids(config: OrganismConfig, tokenizer) -> dict[tuple[bool, ...], list[int]]:
+    """The token ids (English, Chinese) of each node of the search, in depth-first order."""
+    return {roles: [tokenizer.convert_tokens_to_ids(node_phrase(NAMES, roles, zh)) for zh in (False, True)]
+            for roles in tree_nodes(max(config.sizes))}
 
 
 def token_dims(model):

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from train.organism.config import BUILD_VERSION, ORGANISM_FILE, OrganismConfig, use_bf16
+from train.models import ORGANISM_FILE
+from train.organism.config import BUILD_VERSION, OrganismConfig, use_bf16
 from train.organism.data import encode_example, heldout_puzzles, sft_puzzles, sft_traces
 from train.organism.model import make_model, uses_value_tokens
 from train.organism.tokenizer import train_tokenizer

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from train.organism.config import ORGANISM_FILE
+from train.models import ORGANISM_FILE
 from train.organism.data import heldout_puzzles
 from train.prompts import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN
 
