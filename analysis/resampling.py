@@ -4,7 +4,7 @@
 For the first `max_traces` puzzle-set generations of a checkpoint with steps in their
 thinking (`analysis.steps`, up to where the answer starts, at most `max_steps`), the response
 is cut at every step boundary: before step 0, before step 1, ..., after the last step (S + 1
-prefixes). From each prefix the checkpoint writes `n_samples` continuations through the
+prefixes, cut between tokens). From each prefix the checkpoint writes `n_samples` continuations through the
 project's seeded generator (`train.generate.generate`: a sample is seeded by (seed, prompt
 text, sample index)), at `temperature`, within the response's own token budget (the
 generation's max_new_tokens less the prefix's tokens). Each prefix + continuation, the whole
@@ -36,6 +36,7 @@ import numpy as np
 from analysis.attention import (DEFAULT_P, attention_layout, encode_trace, ratio_bootstrap,
                                 receiver_heads, receiver_kurtosis, step_matrices, vertical_scores)
 from analysis.claims import STEP_KINDS, step_kinds
+from analysis.steps import token_offsets
 from analysis.harness import Analysis, AnalysisContext, HarnessError, generation_records, register_analysis
 from train.generate import GenerationOut, generate
 
@@ -63,9 +64,15 @@ class Prefixed:
     ids: list[int]                    # prompt + response tokens (attention)
 
 
-def boundary_cuts(steps: Sequence[Any]) -> list[int]:
-    """Character offsets of the S + 1 step boundaries: before each step, after the last."""
-    return [st.char_start for st in steps] + [steps[-1].char_end] if steps else []
+def boundary_cuts(steps: Sequence[Any], offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(character offset, tokens before it) of the S + 1 step boundaries of a response whose
+    tokens span `offsets`: before the token that opens each step, and after the last step's
+    last token. Cuts fall between tokens, so a prefix re-tokenizes as the model wrote it (a cut
+    at the step's first character would leave the space of " Zoey" as a token of its own)."""
+    if not steps:
+        return []
+    toks = [st.tok_start for st in steps] + [steps[-1].tok_end]
+    return [(offsets[t][0], t) for t in toks[:-1]] + [(offsets[toks[-1] - 1][1], toks[-1])]
 
 
 def importances(probs: Sequence[float]) -> np.ndarray:
@@ -196,10 +203,10 @@ class ResamplingAnalysis(Analysis):
             if not kept:
                 continue
             steps = [st for st, _ in kept]
-            used = [st.tok_start for st in steps] + [steps[-1].tok_end]
+            cuts = boundary_cuts(steps, token_offsets(rec["text"], ctx.tokenizer))
             out.append(Prefixed(record=rec, puzzle=puzzle, prompt=prompt, kinds=[kinds[st.char_start] for st in steps],
-                                texts=[st.text for st in steps], cuts=boundary_cuts(steps),
-                                budgets=[budget - u for u in used], bounds=[b for _, b in kept], ids=trace.ids))
+                                texts=[st.text for st in steps], cuts=[c for c, _ in cuts],
+                                budgets=[budget - n for _, n in cuts], bounds=[b for _, b in kept], ids=trace.ids))
         return out
 
     def received_attention(self, ctx: AnalysisContext, traces: Sequence[Prefixed]) -> tuple[list, list]:

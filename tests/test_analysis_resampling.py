@@ -16,6 +16,7 @@ from analysis.claims import step_kind, step_kinds
 from analysis.harness import (GenerationConfig, HarnessConfig, HarnessError, PuzzleSetConfig, analyse_checkpoints,
                               get_analysis, puzzle_set)
 from analysis.resampling import boundary_cuts, importances, kind_table, pooled_spearman, prefix_probabilities
+from analysis.steps import split_steps, think_span, token_offsets
 from tests.conftest import REPO
 from train.generate import generate, render_prompts
 from train.prompts import QUICK_OPEN, THINK_OPEN, THOROUGH_OPEN
@@ -72,11 +73,15 @@ def test_boundary_probabilities_equal_brute_force_greedy_continuations(organism)
     response = opened + generate(model, tok, [prompt + opened], max_new_tokens=120, progress=False)[0][0].text
     assert score_response(response, puzzle.solution_text_format)["answer"] == "correct"
     steps = [st for st, _ in step_kinds(response, puzzle.names)][:4]
-    cuts = boundary_cuts(steps)
-    assert cuts[0] == steps[0].char_start and cuts[-1] == steps[-1].char_end and len(cuts) == len(steps) + 1
+    offsets = token_offsets(response, tok)
+    steps = split_steps(response, offsets=offsets, span=think_span(response))[:len(steps)]
+    cuts = boundary_cuts(steps, offsets)
+    assert len(cuts) == len(steps) + 1 and response[steps[-1].char_end:cuts[-1][0]].strip() == ""
+    for (c, n), st in zip(cuts, steps):       # between tokens: the step's opening space stays after the cut
+        assert response[c:st.char_start].strip() == "" and tok(response[:c], add_special_tokens=False)["input_ids"] \
+            == tok(response, add_special_tokens=False)["input_ids"][:n]
     max_new = 160
-    budgets = [max_new - len(tok(response[:c], add_special_tokens=False)["input_ids"]) for c in cuts]
-    jobs = [(prompt, response[:c], b, puzzle) for c, b in zip(cuts, budgets)]
+    jobs = [(prompt, response[:c], max_new - n, puzzle) for c, n in cuts]
     wrong = response[:response.index("<answer>")] + "<answer>\n" + "\n".join(
         f"({i + 1}) {n} is a {'knave' if r else 'knight'}" for i, (n, r) in enumerate(zip(puzzle.names, puzzle.solution)))
     jobs += [(prompt, response, 0, puzzle), (prompt, wrong + "\n</answer>", 0, puzzle)]
