@@ -139,13 +139,14 @@ def test_unknown_analysis_and_bad_options():
 # --------------------------------------------------------------------------- caching
 
 def test_a_report_without_analyses_named_leaves_out_the_costly_ones():
-    """pass@k (k samples per puzzle) and patching (layers x 3 passes per prompt) run only by
-    name; every other registered analysis is in the default set, in report order."""
+    """pass@k (k samples per puzzle), patching (layers x 3 passes per prompt) and resampling
+    (N continuations per step boundary) run only by name; every other registered analysis is
+    in the default set, in report order."""
     from analysis.harness import available_analyses, default_analyses, load_plugins
 
     load_plugins()
     by_name_only = {n for n, cls in available_analyses().items() if not cls.by_default}
-    assert by_name_only == {"passk", "patching"}
+    assert by_name_only == {"passk", "patching", "resampling"}
     assert default_analyses() == [n for n in available_analyses() if n not in by_name_only]
     r = subprocess.run([sys.executable, "-m", "analysis", "list"], capture_output=True, text=True, cwd=REPO)
     marked = {line.split()[0] for line in r.stdout.splitlines() if "(by name only)" in line}
