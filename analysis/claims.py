@@ -57,6 +57,7 @@ from analysis.harness import Analysis, AnalysisContext, register_analysis
 from analysis.steps import Step
 from train.errors import UserError
 from train.kk import Puzzle, evaluate, persons_in, solve
+from train.prompts import QUICK_OPEN, THOROUGH_OPEN
 
 DEFAULT_GRAMMAR_PATH = Path(__file__).with_name("claims.yaml")
 SECTIONS = ("role_clause", "supposition", "conditional", "conclusion", "quote", "statement",
@@ -580,8 +581,6 @@ def step_kind(text: str, names: Sequence[str], *, verification: bool = False, gr
                         from its passage) or a `consistent` verdict ("This case fits.")
     statement check     a `quote`, `statement` or `statement_last` verdict
     """
-    from train.prompts import QUICK_OPEN, THOROUGH_OPEN
-
     g = (grammar or default_grammar()).compiled(names)
     rules = rules or default_rules()
     t = text.strip()
