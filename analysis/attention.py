@@ -61,6 +61,7 @@ from analysis.steps import Step, split_steps, think_span, token_offsets
 from train.layout import DecoderLayout, decoder_layers, decoder_layout, rotary_embedding
 
 NAME = "attention"
+DEFAULT_P = 4        # steps a look-back or a vertical score skips
 
 
 class AttentionError(HarnessError):
@@ -389,6 +390,13 @@ def receiver_kurtosis(block: np.ndarray, p: int, min_steps: int = 4) -> np.ndarr
     return np.where(v.std(-1) > 0, k, np.nan)
 
 
+def receiver_heads(kurt_lh: np.ndarray, n: int) -> list[tuple[float, int, int]]:
+    """(kurtosis, layer, head) of the `n` heads with the highest kurtosis (L, H), NaNs skipped."""
+    L, H = kurt_lh.shape
+    flat = [(float(kurt_lh[l, h]), l, h) for l in range(L) for h in range(H) if np.isfinite(kurt_lh[l, h])]
+    return sorted(flat, reverse=True)[:n]
+
+
 def _nanmean(x: np.ndarray, axis: Any = 0) -> np.ndarray:
     x = np.asarray(x, dtype=float)
     n = np.sum(~np.isnan(x), axis=axis)
@@ -462,8 +470,7 @@ def summarize_traces(per_trace: Sequence[dict], layout: DecoderLayout, *, p: int
         "baseline": _boot(pair_base, n_boot, seed),
         "lift": ratio_bootstrap(pair_share, pair_base, n_boot, seed),
     }
-    flat = [(float(kurt_lh[l, h]), l, h) for l in range(L) for h in range(H) if np.isfinite(kurt_lh[l, h])]
-    top = sorted(flat, reverse=True)[:n_receivers]
+    top = receiver_heads(kurt_lh, n_receivers)
     top_k = np.stack([kurt[:, l, h] for _, l, h in top], -1) if top else np.zeros((len(kurt), 0))
     out["receivers"] = {
         "kurtosis_per_layer_head": _tolist(kurt_lh),
@@ -605,7 +612,7 @@ class AttentionAnalysis(Analysis):
     uses_generations = True
     uses_model = True
 
-    def __init__(self, p: int = 4, max_tokens: int = 2048, max_traces: int = 40, chunk: int = 256,
+    def __init__(self, p: int = DEFAULT_P, max_tokens: int = 2048, max_traces: int = 40, chunk: int = 256,
                  n_receivers: int = 5, min_steps: int = 3, n_boot: int = 1000, seed: int = 0):
         if int(p) < 0 or int(max_tokens) < 8 or int(chunk) < 1 or int(min_steps) < 2:
             raise AttentionError("attention options: p >= 0, max_tokens >= 8, chunk >= 1, min_steps >= 2")

@@ -57,6 +57,7 @@ from analysis.harness import Analysis, AnalysisContext, register_analysis
 from analysis.steps import Step
 from train.errors import UserError
 from train.kk import Puzzle, evaluate, persons_in, solve
+from train.prompts import QUICK_OPEN, THOROUGH_OPEN
 
 DEFAULT_GRAMMAR_PATH = Path(__file__).with_name("claims.yaml")
 SECTIONS = ("role_clause", "supposition", "conditional", "conclusion", "quote", "statement",
@@ -556,6 +557,66 @@ def _passages(labels: Sequence[frozenset[str]], claims: Sequence[Claim], mistake
     return out
 
 
+def answer_start(text: str, g: CompiledGrammar) -> int:
+    """Where the answer starts in a response (the `answer` section; the end when none): the
+    steps from there on are not thinking."""
+    return min((m.start() for p in g.patterns["answer"] for m in [p.search(text)] if m), default=len(text))
+
+
+# --------------------------------------------------------------------------- step kinds
+
+STEP_KINDS = ("answer-way opening", "contradiction", "case header", "summary", "verification",
+              "statement check", "other")
+
+
+def step_kind(text: str, names: Sequence[str], *, verification: bool = False, grammar: Grammar | None = None,
+              rules: Any = None) -> str:
+    """The kind of one step of the thinking, the first of `STEP_KINDS` that applies:
+
+    answer-way opening  the careful or quick opening (`train.prompts`)
+    contradiction       the `contradiction` phrasings
+    case header         a `supposition` ("Suppose Zoey is a knight", "假设 Zoey 是骑士")
+    summary             a `conclusion`, or a stage summary (`analysis.behaviours`)
+    verification        a verification step (`verification`: the step carries that label
+                        from its passage) or a `consistent` verdict ("This case fits.")
+    statement check     a `quote`, `statement` or `statement_last` verdict
+    """
+    g = (grammar or default_grammar()).compiled(names)
+    rules = rules or default_rules()
+    t = text.strip()
+
+    def hit(*sections: str) -> bool:
+        return any(p.search(t) for s in sections for p in g.patterns[s])
+
+    def labelled(behaviour: str) -> bool:
+        rule = rules.behaviours.get(behaviour)
+        return rule is not None and rule.hits(t)
+
+    if t.startswith((THOROUGH_OPEN, QUICK_OPEN)):
+        return "answer-way opening"
+    if hit("contradiction"):
+        return "contradiction"
+    if hit("supposition"):
+        return "case header"
+    if hit("conclusion") or labelled("stage_summary"):
+        return "summary"
+    if verification or hit("consistent") or labelled("verification"):
+        return "verification"
+    if hit("quote", "statement", "statement_last"):
+        return "statement check"
+    return "other"
+
+
+def step_kinds(response: str, names: Sequence[str], grammar: Grammar | None = None,
+               rules: Any = None) -> list[tuple[Step, str]]:
+    """The steps of a response's thinking (up to where the answer starts), each with its kind."""
+    grammar, rules = grammar or default_grammar(), rules or default_rules()
+    rb = classify_response(response, names=names, rules=rules)
+    answer_at = answer_start(response, grammar.compiled(names))
+    return [(st, step_kind(st.text, names, verification="verification" in lab, grammar=grammar, rules=rules))
+            for st, lab in zip(rb.steps, rb.step_labels) if st.char_start < answer_at]
+
+
 def analyse_response(text: str, puzzle: Puzzle, grammar: Grammar | None = None,
                      rules: Any = None) -> ResponseClaims:
     """The graded claims of a response's thinking and its events (see the module doc).
@@ -568,7 +629,7 @@ def analyse_response(text: str, puzzle: Puzzle, grammar: Grammar | None = None,
     grammar = grammar or default_grammar()
     rb = classify_response(text, names=puzzle.names, rules=rules or default_rules())
     ex = _Extractor(puzzle, grammar)
-    answer_at = min((m.start() for p in ex.g.patterns["answer"] for m in [p.search(text)] if m), default=len(text))
+    answer_at = answer_start(text, ex.g)
     steps = [st for st in rb.steps if st.char_start < answer_at]
     for st in steps:
         ex.step(st.index, st.text)

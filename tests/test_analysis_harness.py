@@ -140,13 +140,14 @@ def test_unknown_analysis_and_bad_options():
 
 def test_a_report_without_analyses_named_leaves_out_the_costly_ones():
     """pass@k (k samples per puzzle), patching (layers x 3 passes per prompt), case tracking
-    (layers x (3 + heads) passes per response) and steering (alphas x prompts generations) run
-    only by name; every other registered analysis is in the default set, in report order."""
+    (layers x (3 + heads) passes per response), steering (alphas x prompts generations) and
+    resampling (N continuations per step boundary) run only by name; every other registered
+    analysis is in the default set, in report order."""
     from analysis.harness import available_analyses, default_analyses, load_plugins
 
     load_plugins()
     by_name_only = {n for n, cls in available_analyses().items() if not cls.by_default}
-    assert by_name_only == {"passk", "patching", "case_tracking", "steering"}
+    assert by_name_only == {"passk", "patching", "case_tracking", "steering", "resampling"}
     assert default_analyses() == [n for n in available_analyses() if n not in by_name_only]
     r = subprocess.run([sys.executable, "-m", "analysis", "list"], capture_output=True, text=True, cwd=REPO)
     marked = {line.split()[0] for line in r.stdout.splitlines() if "(by name only)" in line}
