@@ -367,23 +367,24 @@ class SteeringAnalysis(Analysis):
                 lines += ["; ".join(said).capitalize() + ".", ""]
         curves = result["curves"]
         gen = bool(curves["own"]["opens_careful"])
-        fig = Figure(figsize=(8.5 if gen else 4.5, 3.2), layout="constrained")
-        axes = fig.subplots(1, 2 if gen else 1, squeeze=False)[0]
-        for name, curve in curves.items():
-            x = curve["alpha"]
-            series = [(axes[0], curve["logit_difference"])] + ([(axes[1], curve["opens_careful"])] if gen else [])
-            for ax, s in series:
-                m = [v["mean"] for v in s]
-                ax.plot(x, m, marker="o", label=CURVE_TITLES[name])
-                if all(v["lo"] is not None for v in s):
-                    ax.fill_between(x, [v["lo"] for v in s], [v["hi"] for v in s], alpha=0.2)
-        axes[0].set_xlabel("alpha")
-        axes[0].set_ylabel(f"logit({a!r}) - logit({b!r})")
-        axes[0].axhline(0, color="grey", lw=0.5)
+        panels = [("logit_difference", f"logit({a!r}) - logit({b!r})")]
         if gen:
-            axes[1].set_xlabel("alpha")
-            axes[1].set_ylabel("share of responses opening carefully")
-            axes[1].set_ylim(-0.02, 1.02)
+            panels += [("opens_careful", "share of responses opening carefully"), ("accuracy", "accuracy")]
+        fig = Figure(figsize=(4.2 * len(panels), 3.2), layout="constrained")
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for name, curve in curves.items():
+            for ax, (key, _) in zip(axes, panels):
+                s = curve[key]
+                ax.plot(curve["alpha"], [v["mean"] for v in s], marker="o", label=CURVE_TITLES[name])
+                if all(v["lo"] is not None for v in s):
+                    ax.fill_between(curve["alpha"], [v["lo"] for v in s], [v["hi"] for v in s], alpha=0.2)
+        for ax, (key, label) in zip(axes, panels):
+            ax.set_xlabel("alpha")
+            ax.set_ylabel(label)
+            if key == "logit_difference":
+                ax.axhline(0, color="grey", lw=0.5)
+            else:
+                ax.set_ylim(-0.02, 1.02)
         axes[0].legend(fontsize=7)
         return "\n".join(lines), [(f"Steering dose-response after layer {layer}", fig)]
 

@@ -2,7 +2,8 @@
 same process, phases alternating, so both see the same machine load.
 
     python bench/bench_report_share.py --registry ckpts.yaml --ids kk-tiny/stage3/step-000038 \
-        [--analysis claims] [--repeats 3] [--puzzle-sizes 3,5] [--puzzles-per-size 8] [--max-new-tokens 640]
+        [--analysis claims] [--repeats 3] [--puzzle-sizes 3,5] [--puzzles-per-size 8] [--max-new-tokens 640] \
+        [--set probes.n_permutations=20 ...]
 
 Each repeat starts from an empty result cache and times
 
@@ -34,9 +35,11 @@ def main() -> None:
     ap.add_argument("--puzzle-sizes", default="3,5")
     ap.add_argument("--puzzles-per-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=640)
+    ap.add_argument("--set", action="append", default=[], help="analysis option, as in `python -m analysis report`")
     args = ap.parse_args()
 
     from analysis.cache import ResultCache
+    from analysis.cli import analysis_options
     from analysis.harness import (GenerationConfig, HarnessConfig, PuzzleSetConfig, analyse_checkpoints,
                                   default_analyses, get_analysis, load_plugins)
     from train.data import parse_people
@@ -48,8 +51,9 @@ def main() -> None:
     config = HarnessConfig(puzzles=PuzzleSetConfig(sizes=tuple(parse_people(args.puzzle_sizes)),
                                                    per_size=args.puzzles_per_size),
                            generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
-    rest = [get_analysis(n) for n in default_analyses() if n != args.analysis]
-    one = [get_analysis(args.analysis)]
+    options = analysis_options(args.set)
+    rest = [get_analysis(n, **options.get(n, {})) for n in default_analyses() if n != args.analysis]
+    one = [get_analysis(args.analysis, **options.get(args.analysis, {}))]
     times: dict[str, list[float]] = {"rest": [], "analysis": []}
     for r in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:

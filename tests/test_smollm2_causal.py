@@ -1,7 +1,8 @@
-"""The update sparsity, pass@k, patching and steering analyses on SmolLM2-135M (its real
+"""The update sparsity, pass@k, patching, steering and resampling analyses on SmolLM2-135M (its real
 tokenizer and shape, tiny settings): a copy whose last layer's MLP is changed is pinned there by
 patching and by drift, pass@k runs through evaluation's generator, and steering finds a direction
-that acts on the opening logit difference, with transfer to and from the base."""
+that acts on the opening logit difference, with transfer to and from the base, and resampling
+scores the steps of its own response."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_smollm2_sparsity_passk_patching_steering(tmp_path):
     reg.add(Checkpoint(id="smol/step-1", path=str(step), run="smol", stage="stage1", global_step=1, parent="smol/base"))
     analyses = [get_analysis("patching", max_prompts=1, n_boot=20),
                 get_analysis("passk", k=2, max_new_tokens=6, n_boot=20, batch_size=4),
-                get_analysis("steering", alphas="-4,0,4", max_prompts=1, direction_prompts=2)]
+                get_analysis("steering", alphas="-4,0,4", max_prompts=1, direction_prompts=2),
+                get_analysis("resampling", n_samples=2, max_traces=1, max_steps=3, n_boot=20)]
     cfg = HarnessConfig(puzzles=PuzzleSetConfig(sizes=(3,), per_size=1), generation=GenerationConfig(max_new_tokens=6))
     [out] = analyse_checkpoints(reg, [reg.get("smol/step-1")], analyses, cache=ResultCache(tmp_path / "c"), config=cfg)
     assert out.error is None
@@ -60,3 +62,7 @@ def test_smollm2_sparsity_passk_patching_steering(tmp_path):
     assert abs(lds[0] - lds[1]) > 0.05 and abs(lds[2] - lds[1]) > 0.05    # alpha -4, 0, 4: steering acts
     assert min(steering["cosine_with_base"]) > 0.9  # the copy differs in one late MLP only
     assert len(steering["curves"]["own"]["accuracy"]) == 3
+    resampling = out.results["resampling"]
+    assert resampling["n_samples"] == 2 and resampling["n_traces"] == 1
+    trace = resampling["traces"][0]
+    assert len(trace["p"]) == len(trace["kinds"]) + 1 and set(trace["p"]) <= {0.0, 0.5, 1.0}
