@@ -23,6 +23,7 @@ follow "Let me verify."). Response-level ones follow a rule:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -171,14 +172,9 @@ def load_rules(path: str | Path | None = None, *, extend: bool = True) -> Rules:
     return Rules(behaviours=behaviours, digest=digest)
 
 
-_DEFAULT: Rules | None = None
-
-
+@functools.cache
 def default_rules() -> Rules:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = load_rules()
-    return _DEFAULT
+    return load_rules()
 
 
 # --------------------------------------------------------------------------- classifying

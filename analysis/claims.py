@@ -46,7 +46,7 @@ import hashlib
 import itertools
 import re
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -141,14 +141,9 @@ def load_grammar(path: str | Path | None = None) -> Grammar:
     return grammar
 
 
-_DEFAULT: Grammar | None = None
-
-
+@cache
 def default_grammar() -> Grammar:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = load_grammar()
-    return _DEFAULT
+    return load_grammar()
 
 
 @dataclass(frozen=True)

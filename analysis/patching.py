@@ -52,19 +52,23 @@ def _site(layer: Any, component: str) -> Any:
     return layer.mlp.output
 
 
+def continuation_ids(tokenizer: Any, prefix: str, option: str) -> tuple[list[int], list[int]]:
+    """(ids of `prefix`, ids of `option` written after it), when the tokenizer splits the two."""
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prefix + option, add_special_tokens=False)["input_ids"]
+    if full[:len(ids)] != ids or len(full) == len(ids):
+        raise PatchingError(f"the tokenizer does not split {option[:30]!r} from the text before it: "
+                            "no decision token")
+    return ids, full[len(ids):]
+
+
 def decision_tokens(tokenizer: Any, prefix: str, option_a: str, option_b: str) -> tuple[list[int], int, int]:
     """(ids of `prefix`, first token of `option_a` after it, first token of `option_b`)."""
-    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    firsts = []
-    for option in (option_a, option_b):
-        full = tokenizer(prefix + option, add_special_tokens=False)["input_ids"]
-        if full[:len(ids)] != ids or len(full) == len(ids):
-            raise PatchingError(f"the tokenizer does not split {option[:30]!r} from the text before it: "
-                                "no decision token")
-        firsts.append(full[len(ids)])
-    if firsts[0] == firsts[1]:
-        raise PatchingError(f"both openings start with the same token ({tokenizer.decode([firsts[0]])!r})")
-    return ids, firsts[0], firsts[1]
+    ids, a = continuation_ids(tokenizer, prefix, option_a)
+    _, b = continuation_ids(tokenizer, prefix, option_b)
+    if a[0] == b[0]:
+        raise PatchingError(f"both openings start with the same token ({tokenizer.decode([a[0]])!r})")
+    return ids, a[0], b[0]
 
 
 def read_sites(lm: Any, ids: list[int], heads: bool = False) -> tuple[dict[tuple[int, str], Any], Any]:

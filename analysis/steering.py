@@ -39,7 +39,7 @@ from analysis.behaviours import mean_ci, wilson
 from analysis.drift import references
 from analysis.harness import (Analysis, AnalysisContext, HarnessError, generation_records, load_model,
                               register_analysis, release_memory)
-from analysis.patching import decision_tokens
+from analysis.patching import continuation_ids, decision_tokens
 from train.evaluate import heldout_puzzles
 from train.generate import generate, render_prompts
 from train.layout import decoder_layers, decoder_layout
@@ -105,13 +105,10 @@ def opening_directions(model: Any, tokenizer: Any, prompts: Sequence[str], prefi
     mean residual norm per layer over both)."""
     starts, with_a, with_b = [], [], []
     for text in prompts:
-        ids = tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
-        for option, into in ((option_a, with_a), (option_b, with_b)):
-            full = tokenizer(text + prefix + option, add_special_tokens=False)["input_ids"]
-            if full[:len(ids)] != ids or len(full) == len(ids):
-                raise SteeringError(f"the tokenizer does not split {option[:30]!r} from the text before it")
-            into.append(full[len(ids):])
+        ids, a = continuation_ids(tokenizer, text + prefix, option_a)
         starts.append(ids)
+        with_a.append(a)
+        with_b.append(continuation_ids(tokenizer, text + prefix, option_b)[1])
     a, b = opening_states(model, starts, with_a), opening_states(model, starts, with_b)
     norms = np.linalg.norm(np.concatenate([a, b]), axis=-1).mean(0)
     return a.mean(0) - b.mean(0), norms
@@ -279,26 +276,34 @@ class SteeringAnalysis(Analysis):
             starts.append(len(ctx.tokenizer(text, add_special_tokens=False)["input_ids"]))
         decision_len = max(1, len(prompt_ids[0]) - starts[0])     # the prefix's tokens
 
+        unsteered: dict[int, dict] = {}     # alpha 0 is the same point on every curve of a model
+
+        def point(model: Any, steering: Steering | None) -> dict:
+            if steering is None and id(model) in unsteered:
+                return unsteered[id(model)]
+            lds = opening_logit_differences(model, prompt_ids, starts, token_a, token_b, steering)
+            out = {"logit_difference": _mean(lds), "prefers_careful": _rate([x > 0 for x in lds])}
+            if self.generate:
+                with steered(model, steering):
+                    outs = generate(getattr(model, "_module", model), ctx.tokenizer, prompts,
+                                    max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                    top_k=g.top_k, batch_size=g.batch_size, seed=g.seed,
+                                    progress=ctx.progress if ctx.progress is not None else False)
+                records = generation_records(puzzles, outs, style)
+                out["opens_careful"] = _rate([opens_with(r["text"], self.prefix, self.option_a) for r in records])
+                out["opens_quick"] = _rate([opens_with(r["text"], self.prefix, self.option_b) for r in records])
+                out["accuracy"] = _rate([r["correct"] for r in records])
+            if steering is None:
+                unsteered[id(model)] = out
+            return out
+
         def dose_response(model: Any, vector: np.ndarray) -> dict:
             curve: dict[str, Any] = {"alpha": self.alphas, "logit_difference": [], "prefers_careful": [],
                                      "opens_careful": [], "opens_quick": [], "accuracy": []}
             for alpha in self.alphas:
-                steering = Steering(layer, alpha * vector, self.positions, decision_len) if alpha else None
-                lds = opening_logit_differences(model, prompt_ids, starts, token_a, token_b, steering)
-                curve["logit_difference"].append(_mean(lds))
-                curve["prefers_careful"].append(_rate([x > 0 for x in lds]))
-                if self.generate:
-                    with steered(model, steering):
-                        outs = generate(getattr(model, "_module", model), ctx.tokenizer, prompts,
-                                        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                        top_k=g.top_k, batch_size=g.batch_size, seed=g.seed,
-                                        progress=ctx.progress if ctx.progress is not None else False)
-                        records = generation_records(puzzles, outs, style)
-                        curve["opens_careful"].append(_rate([opens_with(r["text"], self.prefix, self.option_a)
-                                                             for r in records]))
-                        curve["opens_quick"].append(_rate([opens_with(r["text"], self.prefix, self.option_b)
-                                                           for r in records]))
-                        curve["accuracy"].append(_rate([r["correct"] for r in records]))
+                for key, value in point(model, Steering(layer, alpha * vector, self.positions, decision_len)
+                                        if alpha else None).items():
+                    curve[key].append(value)
             return curve
 
         own, norms = opening_directions(lm, ctx.tokenizer, direction_texts, self.prefix, self.option_a, self.option_b)
