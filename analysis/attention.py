@@ -258,6 +258,7 @@ class Trace:
     n_prompt: int
     steps: list[Step]                 # steps kept (non-empty, inside the cut), response offsets
     bounds: list[tuple[int, int]]     # absolute token spans of `steps`
+    offsets: list                     # the response's token offsets (`analysis.steps.token_offsets`)
 
 
 def encode_trace(tokenizer: Any, prompt: str, response: str, *, max_tokens: int = 2048) -> Trace:
@@ -274,7 +275,7 @@ def encode_trace(tokenizer: Any, prompt: str, response: str, *, max_tokens: int 
         if b > a:
             steps.append(st)
             bounds.append((a, b))
-    return Trace(ids=ids, n_prompt=P, steps=steps, bounds=bounds)
+    return Trace(ids=ids, n_prompt=P, steps=steps, bounds=bounds, offsets=offsets)
 
 
 _SAY = r"(?:says?|said|claims?|claimed|states?|stated|tells?|told|thinks?)"

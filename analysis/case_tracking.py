@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.attention import NODE_EN, organism_wiring
+from analysis.attention import NODE_EN, head_rank, organism_wiring
 from analysis.harness import Analysis, AnalysisContext, register_analysis
 from analysis.patching import COMPONENTS, PatchingError, decision_tokens, patch_pairs, restored_shares
 from train.layout import decoder_layout
@@ -134,10 +134,10 @@ class CaseTrackingAnalysis(Analysis):
         wiring = organism_wiring(ctx, layout)
         if wiring and "node" in wiring:
             layer, head = wiring["node"]
-            flat = layer * layout.n_heads + head
-            out["node_head"] = {"layer": layer, "head": head, **shares["heads"][flat],
-                                "rank": next((r for r, (_, i) in enumerate(ranked, 1) if i == flat), None),
-                                "of": len(ranked)}
+            grid = np.reshape([h["mean"] for h in shares["heads"]], (layout.n_layers, layout.n_heads))
+            rank, of = head_rank(grid.tolist(), layer, head)
+            out["node_head"] = {"layer": layer, "head": head, **shares["heads"][layer * layout.n_heads + head],
+                                "rank": rank, "of": of}
         return out
 
     # ------------------------------------------------------------------ report

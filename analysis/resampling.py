@@ -36,7 +36,6 @@ import numpy as np
 from analysis.attention import (DEFAULT_P, attention_layout, encode_trace, ratio_bootstrap,
                                 receiver_heads, receiver_kurtosis, step_matrices, vertical_scores)
 from analysis.claims import STEP_KINDS, step_kinds
-from analysis.steps import token_offsets
 from analysis.harness import Analysis, AnalysisContext, HarnessError, generation_records, register_analysis
 from train.generate import GenerationOut, generate
 
@@ -203,7 +202,7 @@ class ResamplingAnalysis(Analysis):
             if not kept:
                 continue
             steps = [st for st, _ in kept]
-            cuts = boundary_cuts(steps, token_offsets(rec["text"], ctx.tokenizer))
+            cuts = boundary_cuts(steps, trace.offsets)
             out.append(Prefixed(record=rec, puzzle=puzzle, prompt=prompt, kinds=[kinds[st.char_start] for st in steps],
                                 texts=[st.text for st in steps], cuts=[c for c, _ in cuts],
                                 budgets=[budget - n for _, n in cuts], bounds=[b for _, b in kept], ids=trace.ids))
